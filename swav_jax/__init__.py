@@ -1,0 +1,20 @@
+"""swav-jax: SwAV self-supervised pretraining in JAX/Flax.
+
+The top level holds only the pure-jax algorithm (Sinkhorn codes and the SwAV loss),
+so importing it costs nothing beyond jax. Models, data, training and evaluation live
+in the subpackages `swav_jax.models`, `swav_jax.data`, `swav_jax.train`,
+`swav_jax.eval` and are imported explicitly.
+"""
+
+from swav_jax.losses import assign_codes, prototype_usage, swapped_prediction_loss, swav_loss
+from swav_jax.sinkhorn import sinkhorn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "assign_codes",
+    "prototype_usage",
+    "sinkhorn",
+    "swapped_prediction_loss",
+    "swav_loss",
+]
