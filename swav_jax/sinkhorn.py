@@ -13,12 +13,13 @@ are iterated; the [n, K] matrix is read twice per iteration (two mat-vec product
 and written once at the end. The total-sum normalisation multiplies Q by a scalar,
 which the next row normalisation cancels exactly, so it is folded away.
 
-Stability: P is built as exp((S - r_k - c_i) / eps) with r_k the global max over
+Stability: P is built as exp((S - r_k) / eps - c_i) with r_k the global max over
 samples of prototype k's scores and c_i the (local) max over prototypes of sample
-i's shifted scores. Both shifts are per-row / per-column factors, absorbed by a and
-b, so the result is mathematically unchanged; but now every row and every column
-of P holds an entry equal to 1, so no sum is ever zero and exp never overflows,
-whatever epsilon and input dtype.
+i's row-shifted logits. r_k is a per-prototype factor, which the first prototype
+normalisation cancels exactly; c_i is a per-sample factor, carried in the initial b.
+So the iterates are those of the release, but every row and every column of P
+holds an entry equal to 1: no sum is ever zero and exp never overflows, whatever
+epsilon and input dtype.
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def sinkhorn(
     # N: the number of samples in the whole (all-device) problem.
     total_samples = _psum(jnp.float32(n), axis_name)
 
-    row_max = _pmax(jnp.max(s, axis=0), axis_name)  # [K]
-    shifted = s - row_max
-    col_max = jnp.max(shifted, axis=1, keepdims=True)  # [n, 1]
-    p = jnp.exp((shifted - col_max) * (1.0 / epsilon))  # [n, K], entries in [0, 1]
-
-    b = jnp.ones((n,), jnp.float32)
+    logits = (s - _pmax(jnp.max(s, axis=0), axis_name)) * (1.0 / epsilon)  # [n, K], <= 0
+    col_max = jnp.max(logits, axis=1)  # [n], <= 0
+    p = jnp.exp(logits - col_max[:, None])  # [n, K], entries in [0, 1]
+    # The release starts from Q = exp(S / eps): in this factorisation that is b =
+    # exp(col_max), which lies in [0, 1] (entries may underflow to 0 harmlessly: each
+    # prototype's best sample has col_max = 0, so no prototype sum vanishes).
+    b = jnp.exp(col_max)
     a = None
     for it in range(num_iters):
         # Prototype (row) normalisation: each prototype receives mass 1/K.

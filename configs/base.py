@@ -1,0 +1,84 @@
+"""Base SwAV config: the release's ImageNet recipe (800 epochs, batch 4096).
+
+Every key the code reads is defined here; recipes import this and override.
+Source: Caron et al. 2020, Table/Appendix, and the authors' release scripts.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 31
+    c.batch_size = 4096  # global, over all devices and processes
+    c.epochs = 800
+
+    # Data source (swav_jax/data/sources.py).
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # tfds | folder | digits
+    c.data.name = "imagenet2012"  # tfds name
+    c.data.split = "train"
+    c.data.data_dir = ""  # tfds data_dir, or the image folder's root
+    c.data.eval_split = "validation"
+    c.data.num_workers = 8  # grain worker processes per host (0: in-process)
+    c.data.prefetch = 2  # batches kept on device ahead of the step
+    c.data.image_size = 0  # digits only: upscale the 8x8 images to this size
+
+    # Multi-crop (per resolution group), as the release's flags.
+    c.crops = ml_collections.ConfigDict()
+    c.crops.size_crops = (224, 96)
+    c.crops.num_crops = (2, 6)
+    c.crops.min_scale_crops = (0.14, 0.05)
+    c.crops.max_scale_crops = (1.0, 0.14)
+
+    # Device-side augmentation (SPEC §7).
+    c.augment = ml_collections.ConfigDict()
+    c.augment.color_jitter_strength = 1.0  # brightness/contrast/saturation 0.8*s, hue 0.2*s
+    c.augment.color_jitter_prob = 0.8
+    c.augment.grayscale_prob = 0.2
+    c.augment.blur_prob = 0.5
+    c.augment.blur_sigma = (0.1, 2.0)
+    c.augment.blur_kernel_size = 23
+    c.augment.mean = (0.485, 0.456, 0.406)
+    c.augment.std = (0.228, 0.224, 0.225)
+
+    # Model (swav_jax/models).
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    c.model.width = 1  # width multiplier (2, 4, 5 for the wide ResNet-50s)
+    c.model.small_stem = False  # 3x3 stride-1 stem, no max-pool (32-96 px data)
+    c.model.hidden_dim = 2048
+    c.model.proj_dim = 128
+    c.model.num_prototypes = (3000,)
+    c.model.sync_bn_group_size = 0  # 0: BN statistics over all devices; else groups of n
+    c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+
+    # SwAV (SPEC §2-§4).
+    c.swav = ml_collections.ConfigDict()
+    c.swav.crops_for_assign = (0, 1)
+    c.swav.temperature = 0.1
+    c.swav.epsilon = 0.05
+    c.swav.sinkhorn_iterations = 3
+    c.swav.queue_length = 0  # total over devices; 0 = no queue
+    c.swav.epoch_queue_starts = 15
+    c.swav.freeze_prototypes_niters = 313
+
+    # Optimisation (SPEC §5).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lars_mode = "swav"  # swav: the release's LARC over SGD | optax: optax.lars
+    c.optim.base_lr = 4.8
+    c.optim.final_lr = 0.0048
+    c.optim.start_warmup = 0.3
+    c.optim.warmup_epochs = 10
+    c.optim.scale_lr_with_batch = False  # base_lr * batch_size / 256
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-6
+    c.optim.trust_coefficient = 0.001
+    c.optim.lars_eps = 1e-8
+
+    # Loop, logging, checkpoints.
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.collapse_warning_steps = 500  # warn when the loss sits within 1% of ln(K) this long
+    return c
