@@ -1,7 +1,8 @@
-"""Base SwAV config: the release's ImageNet recipe (800 epochs, batch 4096).
+"""Base SwAV config: the release's ImageNet recipe, ResNet-50, 800 epochs, batch 4096.
 
 Every key the code reads is defined here; recipes import this and override.
-Source: Caron et al. 2020, Table/Appendix, and the authors' release scripts.
+Source: the authors' release (scripts/swav_800ep_pretrain.sh: 64 GPUs x 64, 2x224 + 6x96,
+LARS, base_lr 4.8, apex sync-BN in groups of 8). Reported: 75.3% ImageNet linear top-1.
 """
 
 import ml_collections
@@ -50,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hidden_dim = 2048
     c.model.proj_dim = 128
     c.model.num_prototypes = (3000,)
-    c.model.sync_bn_group_size = 0  # 0: BN statistics over all devices; else groups of n
+    c.model.sync_bn_group_size = 8  # 0: BN statistics over all devices; else groups of n
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
 
     # SwAV (SPEC §2-§4).

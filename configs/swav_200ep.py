@@ -1,0 +1,12 @@
+"""SwAV ResNet-50, 200 epochs, batch 4096, 2x224 + 6x96: 73.9% ImageNet linear top-1.
+
+Release: scripts/swav_200ep_pretrain.sh (as the 800-epoch recipe but for the epochs).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.epochs = 200
+    return c

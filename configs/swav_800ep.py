@@ -1,0 +1,10 @@
+"""SwAV ResNet-50, 800 epochs, batch 4096, 2x224 + 6x96: 75.3% ImageNet linear top-1.
+
+Release: scripts/swav_800ep_pretrain.sh. This is configs/base.py unchanged.
+"""
+
+from configs import base
+
+
+def get_config():
+    return base.get_config()

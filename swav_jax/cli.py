@@ -1,0 +1,124 @@
+"""`swav-jax` command line: argument parsing and dispatch only.
+
+    swav-jax train --config configs/demo.py --workdir DIR [--config.key=value ...]
+    swav-jax show-crops IMAGE... --config CONFIG --out crops.png
+
+Config files are Python files with `get_config()`; any key can be overridden with
+`--config.key=value` (ml_collections config flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config ...` / `--config.key=value` from the other arguments."""
+    config_args, rest = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_args.append(f"--config={next(it, '')}")
+        elif arg.startswith("--config=") or arg.startswith("--config."):
+            if arg.startswith("--config.") and "=" not in arg:
+                config_args.append(f"{arg}={next(it, '')}")
+            else:
+                config_args.append(arg)
+        else:
+            rest.append(arg)
+    return config_args, rest
+
+
+def load_config(config_args: list[str]):
+    """Loads `--config=FILE` with its `--config.key=value` overrides."""
+    files = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+    if not files:
+        raise SystemExit("error: --config FILE is required (a Python file with get_config())")
+    # Recipes import their base as `configs.base`: make the folder holding configs/ importable.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(files[-1].split(":", 1)[0])))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True)
+    try:
+        values(["swav-jax"] + config_args)
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: bad config or override: {e}") from None
+    return values.config
+
+
+def _distributed_init(mode: str) -> None:
+    """`jax.distributed.initialize()` before any other jax call.
+
+    SLURM and Cloud TPU pods are detected by jax itself; launch/local_multiprocess.sh
+    passes the coordinator, process count and id in JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    if mode == "off":
+        return
+    import jax
+
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in os.environ:
+        kwargs = dict(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    jax.distributed.initialize(**kwargs)
+
+
+def _train(args, config_args):
+    _distributed_init(args.distributed)
+    from swav_jax.train.loop import train
+
+    train(load_config(config_args), args.workdir, max_steps=args.max_steps)
+
+
+def _show_crops(args, config_args):
+    from swav_jax.data.show_crops import show_crops
+
+    path = show_crops(args.images, load_config(config_args), args.out, seed=args.seed)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swav-jax", description="SwAV self-supervised pretraining in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (resumes from the latest checkpoint in --workdir)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedule unchanged)")
+    p.add_argument(
+        "--distributed",
+        choices=("auto", "off"),
+        default="off",
+        help="auto: jax.distributed.initialize() from the cluster environment (launch/ scripts set it)",
+    )
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("show-crops", help="write a grid of the augmented crops of some images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="crops.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_show_crops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_args, rest = _split_config_overrides(argv)
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    args.run(args, config_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the train state together with the data iterator's state."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from swav_jax.data import pipeline
+
+
+class Checkpointer:
+    """`workdir/checkpoints/<step>/{state,data}`: the last `keep` steps, saved asynchronously.
+
+    `data` is the input iterator's position (one file per process), so a resumed run
+    sees exactly the batches an uninterrupted one would have seen.
+    """
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any) -> None:
+        """Starts saving (returns before the write finishes when async)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=pipeline.checkpoint_save_args(data_iterator)
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restores `state` (shaped and sharded like `abstract_state`) and the iterator."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=pipeline.checkpoint_restore_args(data_iterator),
+            ),
+        )
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+    """ShapeDtypeStructs with shardings, the restore target for `state`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -1,0 +1,206 @@
+"""The data-parallel SwAV train step: one jitted `shard_map` over the device mesh.
+
+Per device: augment the uint8 crops, normalise the prototypes, forward all crops,
+Sinkhorn codes (sums `psum`-reduced over the data axis; queue in front once full),
+swapped-prediction loss, gradients averaged over devices, optimiser update, queue
+update. Parameters, BN statistics and optimiser state are replicated; crops and the
+queue are sharded over the data axis.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from swav_jax import losses
+from swav_jax.data import augment
+from swav_jax.models.swav import normalize_prototypes, prototype_kernels
+from swav_jax.train.state import TrainState
+
+
+def queue_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    return int(config.swav.epoch_queue_starts) * steps_per_epoch
+
+
+def _queue_full(queue: jax.Array, data_axis) -> jax.Array:
+    # The release's test: the oldest slot holds an embedding (unit norm, never zero).
+    # pmin keeps every device on the same branch.
+    full = jnp.all(jnp.any(queue[:, -1] != 0, axis=-1))
+    return jax.lax.pmin(full.astype(jnp.int32), data_axis) > 0
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: Callable[[jax.Array], jax.Array],
+    mesh: Mesh,
+    *,
+    steps_per_epoch: int,
+    data_axis: str | tuple[str, ...] = "data",
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Builds `train_step(state, batch) -> (state, metrics)`, jitted, state donated.
+
+    Args:
+      config: the full config (swav, augment, model keys are read).
+      model: a `SwAVModel` whose BatchNorm reduces over `data_axis` (or its BN group axis).
+      optimizer: from `swav_jax.train.optim.make_optimizer`.
+      lr_schedule: per-step learning rate, for the metrics.
+      mesh: device mesh; the batch is sharded over `data_axis`.
+      steps_per_epoch: iterations per epoch (for the queue start).
+      data_axis: the mesh axis name(s) the batch is split over.
+
+    The batch is `{'crops': tuple of uint8 [num_crops_g, global_batch, S_g, S_g, 3]}`,
+    one array per resolution group, sharded `P(None, data_axis)`. Metrics are float32
+    scalars averaged over devices.
+    """
+    swav = config.swav
+    crops_for_assign = tuple(swav.crops_for_assign)
+    compute_dtype = jnp.dtype(config.model.dtype)
+    queue_start = queue_start_step(config, steps_per_epoch)
+    aug_config = config.augment
+
+    def local_step(state: TrainState, crops: tuple[jax.Array, ...]):
+        device_rng = jax.random.fold_in(
+            jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), jax.lax.axis_index(data_axis)
+        )
+        images = []
+        for g, group in enumerate(crops):
+            n, b = group.shape[:2]
+            flat = group.reshape((n * b,) + group.shape[2:])
+            out = augment.augment_crops(jax.random.fold_in(device_rng, g), flat, aug_config, dtype=compute_dtype)
+            images.append(out.reshape((n, b) + out.shape[1:]))
+        local_batch = crops[0].shape[1]
+
+        # The release normalises the stored prototypes in place before the forward:
+        # the normalised weights are the parameters from here on.
+        params = normalize_prototypes(state.params)
+        use_queue = _queue_full(state.queue, data_axis) if state.queue.shape[1] else jnp.bool_(False)
+
+        def loss_fn(p):
+            (embeddings, scores), new_vars = model.apply(
+                {"params": p, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+            )
+            head_losses, head_codes = [], []
+            for h, (head_scores, kernel) in enumerate(zip(scores, prototype_kernels(p))):
+                kwargs = dict(
+                    crops_for_assign=crops_for_assign,
+                    epsilon=swav.epsilon,
+                    num_iters=swav.sinkhorn_iterations,
+                    axis_name=data_axis,
+                )
+                detached = jax.lax.stop_gradient(head_scores)
+                if state.queue.shape[1]:
+                    queue_scores = state.queue @ jax.lax.stop_gradient(kernel)
+                    codes = jax.lax.cond(
+                        use_queue,
+                        lambda: losses.assign_codes(detached, queue_scores=queue_scores, **kwargs),
+                        lambda: losses.assign_codes(detached, **kwargs),
+                    )
+                else:
+                    codes = losses.assign_codes(detached, **kwargs)
+                head_codes.append(codes)
+                head_losses.append(
+                    losses.swapped_prediction_loss(
+                        head_scores, codes, crops_for_assign=crops_for_assign, temperature=swav.temperature
+                    )
+                )
+            loss = sum(head_losses) / len(head_losses)
+            return loss, (embeddings, head_codes[0], new_vars["batch_stats"])
+
+        (loss, (embeddings, codes, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # The loss is a per-device mean over equal local batches: average everything.
+        grads = jax.lax.pmean(grads, data_axis)
+        loss = jax.lax.pmean(loss, data_axis)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+        queue = state.queue
+        if queue.shape[1]:
+            # Shift by the local batch, newest embeddings of the assigning crops in front.
+            newest = jax.lax.stop_gradient(embeddings[jnp.array(crops_for_assign)]).astype(queue.dtype)
+            shifted = jnp.concatenate([newest, queue[:, :-local_batch]], axis=1)
+            queue = jnp.where(state.step >= queue_start, shifted, queue)
+
+        usage = losses.prototype_usage(codes, axis_name=data_axis)
+        metrics = {
+            "train/loss": loss,
+            "train/lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            "train/empty_prototypes": usage["empty_prototypes"],
+            "train/assignment_entropy": usage["assignment_entropy"],
+            "train/grad_norm": optax.global_norm(grads),
+            "train/queue_in_use": jnp.asarray(use_queue, jnp.float32),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, queue=queue
+        )
+        return new_state, metrics
+
+    state_specs = TrainState(
+        step=P(), params=P(), batch_stats=P(), opt_state=P(), queue=P(None, data_axis), rng=P()
+    )
+    batch_spec = P(None, data_axis)
+    sharded = jax.shard_map(
+        local_step,
+        mesh=mesh,
+        in_specs=(state_specs, batch_spec),
+        out_specs=(state_specs, P()),
+        check_vma=False,
+    )
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return sharded(state, tuple(batch["crops"]))
+
+    return train_step
+
+
+def state_shardings(mesh: Mesh, state: TrainState, data_axis: str | tuple[str, ...] = "data") -> TrainState:
+    """NamedShardings for a TrainState: everything replicated but the queue."""
+    replicated = NamedSharding(mesh, P())
+    shardings = jax.tree.map(lambda _: replicated, state)
+    return shardings.replace(queue=NamedSharding(mesh, P(None, data_axis)))
+
+
+def crops_sharding(mesh: Mesh, data_axis: str | tuple[str, ...] = "data") -> NamedSharding:
+    return NamedSharding(mesh, P(None, data_axis))
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    model,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    data_axis: str | tuple[str, ...] = "data",
+) -> TrainState:
+    """Initialises the train state from `config.seed`, placed on the mesh.
+
+    The queue holds `swav.queue_length` embeddings in total (already validated to be a
+    multiple of the global batch), split evenly over the devices.
+    """
+    init_rng, data_rng = jax.random.split(jax.random.key(config.seed))
+    sizes = tuple(config.crops.size_crops)
+    counts = tuple(config.crops.num_crops)
+    dummy = [jnp.zeros((n, 2, s, s, 3), jnp.float32) for n, s in zip(counts, sizes)]
+    variables = jax.jit(functools.partial(model.init, train=True))(init_rng, dummy)
+    params = normalize_prototypes(variables["params"])
+    queue = jnp.zeros(
+        (len(config.swav.crops_for_assign), int(config.swav.queue_length), int(config.model.proj_dim)),
+        jnp.float32,
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init(params),
+        queue=queue,
+        rng=jax.random.key_data(data_rng),  # raw uint32 words: checkpointable
+    )
+    return jax.device_put(state, state_shardings(mesh, state, data_axis))
