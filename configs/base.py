@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.arch = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     c.model.width = 1  # width multiplier (2, 4, 5 for the wide ResNet-50s)
+    c.model.base_width = 64  # stem width before the multiplier (64 in every real ResNet)
     c.model.small_stem = False  # 3x3 stride-1 stem, no max-pool (32-96 px data)
     c.model.hidden_dim = 2048
     c.model.proj_dim = 128
