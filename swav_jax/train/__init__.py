@@ -1,0 +1,1 @@
+"""Training: state, optimiser, step, loop, checkpoints; wires models, data and losses together."""

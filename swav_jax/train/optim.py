@@ -1,0 +1,334 @@
+"""SwAV optimiser: LR schedule, LARS in two modes, prototype freezing (SPEC §5).
+
+  lr_schedule      per-iteration LR: linear warmup (endpoint included), then cosine
+  make_optimizer   LARS over momentum SGD, wrapped in `freeze_for`
+  scale_by_larc    apex LARC(clip=False) with the SGD weight decay it takes over
+  freeze_for       no update, no state change for masked leaves during the first steps
+  prototype_mask   True for the prototypes' leaves
+
+Two LARS modes, chosen by `optim.lars_mode`:
+
+  'swav'   the release's step (apex LARC over torch SGD), to float precision:
+           per tensor, if ||w|| > 0 and ||g|| > 0,
+             g <- (g + wd*w) * trust*||w|| / (||g|| + wd*||w|| + eps),
+           otherwise g stays raw, without weight decay; then buf = m*buf + g
+           (first step buf = g); update = -lr * buf. No parameter is excluded.
+  'optax'  `optax.lars`: always adds wd*w, divides by ||g + wd*w||, applies the LR
+           before momentum; 1-D leaves (biases, BatchNorm scales and offsets) are
+           excluded from weight decay and from the trust ratio, so they take plain
+           momentum SGD steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_LARS_MODES = ("swav", "optax")
+# Linear scaling reference batch (Goyal et al. 2017), as in the release's recipes.
+_REFERENCE_BATCH = 256
+
+Mask = Union[Any, Callable[[optax.Params], Any]]
+
+
+class _OptimSettings(NamedTuple):
+    lars_mode: str
+    base_lr: float
+    final_lr: float
+    start_warmup: float
+    warmup_epochs: int
+    scale_lr_with_batch: bool
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    lars_eps: float
+
+
+def _read(optim_config: Any, key: str) -> Any:
+    try:
+        return getattr(optim_config, key)
+    except (AttributeError, KeyError):
+        raise ValueError(f"optim.{key} is missing from the config") from None
+
+
+def _real(optim_config: Any, key: str, *, minimum: float, strict: bool = False) -> float:
+    value = _read(optim_config, key)
+    bad = (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < minimum
+        or (strict and value == minimum)
+    )
+    if bad:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"optim.{key} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _settings(optim_config: Any) -> _OptimSettings:
+    """Reads and checks every `optim.*` key; a bad value raises ValueError naming it."""
+    lars_mode = _read(optim_config, "lars_mode")
+    if lars_mode not in _LARS_MODES:
+        raise ValueError(f"optim.lars_mode must be one of {_LARS_MODES}, got {lars_mode!r}")
+    scale = _read(optim_config, "scale_lr_with_batch")
+    if not isinstance(scale, bool):
+        raise ValueError(f"optim.scale_lr_with_batch must be a bool, got {scale!r}")
+    momentum = _real(optim_config, "momentum", minimum=0.0)
+    if momentum >= 1.0:
+        raise ValueError(f"optim.momentum must be in [0, 1), got {momentum!r}")
+    return _OptimSettings(
+        lars_mode=lars_mode,
+        base_lr=_real(optim_config, "base_lr", minimum=0.0, strict=True),
+        final_lr=_real(optim_config, "final_lr", minimum=0.0),
+        start_warmup=_real(optim_config, "start_warmup", minimum=0.0),
+        warmup_epochs=_count(
+            "optim.warmup_epochs", _read(optim_config, "warmup_epochs"), minimum=0
+        ),
+        scale_lr_with_batch=scale,
+        momentum=momentum,
+        weight_decay=_real(optim_config, "weight_decay", minimum=0.0),
+        trust_coefficient=_real(optim_config, "trust_coefficient", minimum=0.0, strict=True),
+        lars_eps=_real(optim_config, "lars_eps", minimum=0.0),
+    )
+
+
+def lr_schedule(
+    optim_config: Any, *, steps_per_epoch: int, epochs: int, batch_size: int
+) -> optax.Schedule:
+    """The release's per-iteration learning rate.
+
+    With W = warmup_epochs * steps_per_epoch and T = epochs * steps_per_epoch:
+      step s < W:  np.linspace(start_warmup, base_lr, W)[s]   (reaches base_lr at W - 1)
+      step s >= W: final_lr + 0.5 * (base_lr - final_lr) * (1 + cos(pi * (s - W) / (T - W)))
+    Steps past T - 1 keep the last value.
+
+    With `optim.scale_lr_with_batch`, base_lr and final_lr are per 256 images and both
+    are multiplied by batch_size / 256 (so final_lr / base_lr stays as configured);
+    start_warmup is an absolute starting value and is not scaled (as the warmup of
+    Goyal et al. 2017, which starts from the small-batch LR).
+
+    Args:
+      optim_config: the `optim` section of the config (configs/base.py).
+      steps_per_epoch: optimiser steps per epoch (global batches per epoch).
+      epochs: total epochs of the run.
+      batch_size: global batch size, used only for the LR scaling.
+
+    Returns:
+      schedule(count: int scalar) -> float32 scalar LR.
+    """
+    cfg = _settings(optim_config)
+    steps_per_epoch = _count("steps_per_epoch", steps_per_epoch, minimum=1)
+    epochs = _count("epochs", epochs, minimum=1)
+    batch_size = _count("batch_size", batch_size, minimum=1)
+    if cfg.warmup_epochs > epochs:
+        raise ValueError(
+            f"optim.warmup_epochs ({cfg.warmup_epochs}) must not exceed epochs ({epochs})"
+        )
+    scale = batch_size / _REFERENCE_BATCH if cfg.scale_lr_with_batch else 1.0
+    base_lr = cfg.base_lr * scale
+    final_lr = cfg.final_lr * scale
+    start_lr = cfg.start_warmup
+    warmup_iters = cfg.warmup_epochs * steps_per_epoch
+    total_iters = epochs * steps_per_epoch
+    cosine_iters = total_iters - warmup_iters
+
+    def schedule(count):
+        step = jnp.minimum(jnp.asarray(count), total_iters - 1)
+        # Both phases are lerps (1 - w) * a + w * b, so their ends are exact in float32:
+        # start_warmup at step 0, base_lr at W - 1 and at W.
+        w = step.astype(jnp.float32) / max(warmup_iters - 1, 1)
+        warmup = (1.0 - w) * start_lr + w * base_lr
+        t = (step - warmup_iters).astype(jnp.float32)
+        w = 0.5 * (1.0 + jnp.cos(jnp.pi * t / max(cosine_iters, 1)))
+        cosine = (1.0 - w) * final_lr + w * base_lr
+        return jnp.where(step < warmup_iters, warmup, cosine).astype(jnp.float32)
+
+    return schedule
+
+
+def scale_by_larc(
+    *, trust_coefficient: float, weight_decay: float, eps: float
+) -> optax.GradientTransformation:
+    """apex LARC(clip=False) together with the SGD weight decay it takes over.
+
+    Per leaf w with gradient g (any shape, float):
+      if ||w|| > 0 and ||g|| > 0:
+        g <- (g + weight_decay * w) * trust_coefficient * ||w||
+             / (||g|| + weight_decay * ||w|| + eps)
+      else: g unchanged, without weight decay.
+    apex sets the wrapped SGD's weight decay to 0 and adds it back only inside this
+    rescaling, so the else branch gets no decay at all. Norms are over all elements,
+    in float32. Stateless; needs `params` in `update`.
+    """
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_larc needs params: call update(grads, state, params)")
+
+        def scale(g, w):
+            w_norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32))))
+            g_norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+            scaled = (g + weight_decay * w) * ratio.astype(g.dtype)
+            return jnp.where((w_norm > 0) & (g_norm > 0), scaled, g)
+
+        return jax.tree.map(scale, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+class FreezeState(NamedTuple):
+    """State of `freeze_for`.
+
+    count: int32 scalar, updates applied so far (the 0-based iteration of the next one).
+    inner_state: the wrapped transformation's state.
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def _hold_param_trees(old_state, new_state, held, updates):
+    """new_state, but with old values for `held` leaves wherever the state mirrors the
+    params (momentum traces, moments); other entries (step counts) advance."""
+    treedef = jax.tree.structure(updates)
+    shapes = [jnp.shape(u) for u in jax.tree.leaves(updates)]
+
+    def mirrors_params(x):
+        return jax.tree.structure(x) == treedef and [
+            jnp.shape(leaf) for leaf in jax.tree.leaves(x)
+        ] == shapes
+
+    def hold(old, new):
+        if not mirrors_params(old):
+            return new
+        return jax.tree.map(lambda h, o, n: jnp.where(h, o, n), held, old, new)
+
+    return jax.tree.map(hold, old_state, new_state, is_leaf=mirrors_params)
+
+
+def freeze_for(
+    inner: optax.GradientTransformation, mask: Mask, num_steps: int
+) -> optax.GradientTransformation:
+    """Freezes the masked leaves for the first `num_steps` updates.
+
+    While count < num_steps, masked leaves get a zero update and keep their entries of
+    every part of `inner`'s state that mirrors the params (e.g. the momentum trace),
+    as if their gradient were absent: the release sets the prototypes' grad to None,
+    so SGD and LARC skip them (no update, no momentum, no decay). From step num_steps
+    on they are updated normally; a trace that was zero starts fresh (buf = g).
+    Entries that do not mirror the params, such as a schedule's step count, advance
+    for everyone, so an unfrozen leaf sees the LR of the current iteration.
+
+    Args:
+      inner: the transformation to wrap.
+      mask: pytree of bools with the params' structure (True = frozen), or a callable
+        params -> such a pytree (called on the updates, which share that structure).
+      num_steps: number of frozen iterations (>= 0).
+
+    The step count is part of `FreezeState`, so it is checkpointed; the switch is a
+    `jnp.where` on it, so `update` jits with one compiled program for all steps.
+    """
+    num_steps = _count("num_steps", num_steps, minimum=0)
+
+    def init_fn(params):
+        return FreezeState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        mask_tree = mask(updates) if callable(mask) else mask
+        if jax.tree.structure(mask_tree) != jax.tree.structure(updates):
+            raise ValueError(
+                "freeze mask must have the structure of the params: got "
+                f"{jax.tree.structure(mask_tree)}, params {jax.tree.structure(updates)}"
+            )
+        frozen_now = state.count < num_steps
+        held = jax.tree.map(lambda m: jnp.logical_and(m, frozen_now), mask_tree)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        new_updates = jax.tree.map(
+            lambda h, u: jnp.where(h, jnp.zeros_like(u), u), held, new_updates
+        )
+        new_inner = _hold_param_trees(state.inner_state, new_inner, held, updates)
+        return new_updates, FreezeState(optax.safe_increment(state.count), new_inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_and_trust_mask(params):
+    # 'optax' mode: biases and BatchNorm scales/offsets (ndim <= 1) are excluded.
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(
+    optim_config: Any,
+    schedule: optax.ScalarOrSchedule,
+    *,
+    freeze_mask: Mask,
+    freeze_steps: int,
+) -> optax.GradientTransformation:
+    """LARS over momentum SGD as `optim.lars_mode` says, with frozen leaves.
+
+    Args:
+      optim_config: the `optim` section of the config (configs/base.py).
+      schedule: LR per iteration (`lr_schedule`), or a constant.
+      freeze_mask: pytree of bools like the params, or a callable params -> mask
+        (e.g. `prototype_mask`); True leaves are frozen for `freeze_steps` steps.
+      freeze_steps: `swav.freeze_prototypes_niters`.
+
+    Returns:
+      A transformation whose state is a `FreezeState`; `update` needs `params`.
+    """
+    cfg = _settings(optim_config)
+    freeze_steps = _count("freeze_steps", freeze_steps, minimum=0)
+    if cfg.lars_mode == "swav":
+        inner = optax.chain(
+            scale_by_larc(
+                trust_coefficient=cfg.trust_coefficient,
+                weight_decay=cfg.weight_decay,
+                eps=cfg.lars_eps,
+            ),
+            # torch SGD momentum: buf = m * buf + g, first buf = g (trace starts at 0).
+            optax.trace(decay=cfg.momentum, nesterov=False),
+            optax.scale_by_learning_rate(schedule),
+        )
+    else:
+        inner = optax.lars(
+            schedule,
+            weight_decay=cfg.weight_decay,
+            weight_decay_mask=_decay_and_trust_mask,
+            trust_coefficient=cfg.trust_coefficient,
+            eps=cfg.lars_eps,
+            trust_ratio_mask=_decay_and_trust_mask,
+            momentum=cfg.momentum,
+        )
+    return freeze_for(inner, freeze_mask, freeze_steps)
+
+
+def prototype_mask(params: optax.Params) -> Any:
+    """True for leaves under a module whose name starts with 'prototypes'.
+
+    The model names its prototype layers 'prototypes_0', 'prototypes_1', ...; any
+    path component (dict key, attribute or index) starting with 'prototypes' counts.
+    Returns a pytree of Python bools with the structure of `params`.
+    """
+
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return jax.tree.map_with_path(
+        lambda path, _: any(name(k).startswith("prototypes") for k in path), params
+    )
