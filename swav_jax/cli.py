@@ -2,6 +2,7 @@
 
     swav-jax train --config configs/demo.py --workdir DIR [--config.key=value ...]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
+    swav-jax plot --workdir DIR
 
 Config files are Python files with `get_config()`; any key can be overridden with
 `--config.key=value` (ml_collections config flags).
@@ -88,6 +89,17 @@ def _show_crops(args, config_args):
     print(f"wrote {path}")
 
 
+def _plot(args, config_args):
+    del config_args
+    import os
+
+    from swav_jax.eval.plots import plot_metrics
+
+    out_dir = args.out or os.path.join(args.workdir, "plots")
+    for path in plot_metrics(os.path.join(args.workdir, "metrics.jsonl"), out_dir):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swav-jax", description="SwAV self-supervised pretraining in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="crops.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_show_crops)
+    p = sub.add_parser("plot", help="PNG plots of WORKDIR/metrics.jsonl (loss, lr, prototype usage, eval)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="output folder (default WORKDIR/plots)")
+    p.set_defaults(run=_plot)
     return parser
 
 
