@@ -1,0 +1,206 @@
+"""ResNet backbones (torchvision "v1.5" layout) as Flax linen modules (SPEC §1, §6).
+
+Follows the SwAV release's `src/resnet50.py` (which is torchvision's ResNet with a
+width multiplier):
+
+- stride on the 3x3 conv of a bottleneck (v1.5), a 1x1 strided conv + BN shortcut when
+  the shape changes;
+- conv kernels kaiming-normal, fan_out, ReLU gain: N(0, 2 / (k*k*out_channels)), a plain
+  (not truncated) normal; no conv biases;
+- BatchNorm gamma 1, beta 0 everywhere. The release's `zero_init_residual` defaults to
+  False and its `main_swav.py` does not set it, so the last BN of each residual branch
+  is *not* zero-initialised here either;
+- BatchNorm eps 1e-5, momentum 0.1 in PyTorch's convention (Flax momentum 0.9). Batch
+  statistics are float32 whatever the compute dtype. Difference from PyTorch: the running
+  variance is updated with the biased batch variance (Flax) where PyTorch uses the
+  unbiased one; the two differ by n / (n - 1), with n the number of reduced elements
+  (thousands at least), so eval-mode features differ by < 0.05%;
+- the width multiplier `width` scales every layer's channels (stem, bottleneck inner
+  width, outputs), as the release's resnet50w2/w4/w5 (after its "fix bug with wider
+  models" commit): features are 2048 * width for ResNet-50/101, 512 * width for
+  ResNet-18/34.
+
+`small_stem` replaces the 7x7/2 conv + 3x3/2 max-pool stem by one 3x3/1 conv (the
+CIFAR-style recipes for 32-96 px images).
+
+Cross-device BatchNorm: `bn_axis_name` names the mapped axis (or tuple of axes) of an
+enclosing `jax.shard_map` over which batch statistics are averaged. For groups of
+devices, see `swav_jax.models.sync_bn_mesh_shape`.
+
+Parameter tree (flax names): `stem_conv`, `stem_bn`, then `stage{s}_block{b}`
+(s = 1..4, b = 0..) each holding `conv1`, `bn1`, `conv2`, `bn2` (+ `conv3`, `bn3` for
+bottlenecks) and, in the first block of a stage when the shape changes,
+`downsample_conv`, `downsample_bn`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Kaiming-normal, mode fan_out, ReLU gain: std = sqrt(2 / fan_out), not truncated.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+BN_MOMENTUM = 0.9  # Flax convention: PyTorch momentum 0.1.
+BN_EPSILON = 1e-5
+
+ARCHS: dict[str, tuple[tuple[int, ...], str]] = {
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+}
+
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def batch_norm(
+    dtype: Any, bn_axis_name: str | tuple[str, ...] | None, **kwargs: Any
+) -> nn.BatchNorm:
+    """The BatchNorm used everywhere in the model: gamma 1, beta 0, float32 params/stats.
+
+    `kwargs` go to `nn.BatchNorm` (name, use_running_average).
+    """
+    return nn.BatchNorm(
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=bn_axis_name,
+        **kwargs,
+    )
+
+
+class ResidualBlock(nn.Module):
+    """One basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.
+
+    Attributes:
+      planes: inner width; the block outputs `planes * expansion` channels.
+      strides: stride of the block (on the first 3x3 conv, torchvision v1.5).
+      kind: 'basic' or 'bottleneck'.
+    """
+
+    planes: int
+    strides: int
+    kind: str
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_channels = self.planes * _EXPANSION[self.kind]
+        s = (self.strides, self.strides)
+        if self.kind == "basic":
+            y = self.conv(self.planes, (3, 3), s, padding=((1, 1), (1, 1)), name="conv1")(x)
+            y = nn.relu(self.norm(name="bn1")(y))
+            y = self.conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
+            y = self.norm(name="bn2")(y)
+        else:
+            y = self.conv(self.planes, (1, 1), name="conv1")(x)
+            y = nn.relu(self.norm(name="bn1")(y))
+            y = self.conv(self.planes, (3, 3), s, padding=((1, 1), (1, 1)), name="conv2")(y)
+            y = nn.relu(self.norm(name="bn2")(y))
+            y = self.conv(out_channels, (1, 1), name="conv3")(y)
+            y = self.norm(name="bn3")(y)
+        if self.strides != 1 or x.shape[-1] != out_channels:
+            x = self.conv(out_channels, (1, 1), s, name="downsample_conv")(x)
+            x = self.norm(name="downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk up to global average pooling (no classifier).
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block: 'bottleneck' (ResNet-50/101) or 'basic' (ResNet-18/34).
+      width: width multiplier (2, 4, 5 for the wide ResNet-50s).
+      base_width: stem width before the multiplier (64 in every real model; tiny values
+        keep tests cheap).
+      small_stem: 3x3 stride-1 stem conv and no max-pool (32-96 px images).
+      dtype: computation dtype (e.g. bfloat16); parameters and BN statistics are float32.
+      param_dtype: parameter dtype.
+      bn_axis_name: mapped axis name(s) over which BN batch statistics are averaged.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "bottleneck"
+    width: int = 1
+    base_width: int = 64
+    small_stem: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_axis_name: str | tuple[str, ...] | None = None
+
+    @property
+    def num_features(self) -> int:
+        """Size of the pooled feature vector: 8 * base_width * width * expansion."""
+        return 8 * self.base_width * self.width * _EXPANSION[self.block]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Pooled features.
+
+        Args:
+          x: [N, H, W, C] float images (already normalised).
+          train: BN uses (and updates, when `batch_stats` is mutable) batch statistics
+            if True, running statistics if False.
+
+        Returns:
+          [N, num_features] float32 globally average-pooled features.
+        """
+        if self.block not in _EXPANSION:
+            raise ValueError(f"block must be one of {sorted(_EXPANSION)}, got {self.block!r}")
+        if self.width < 1 or self.base_width < 1:
+            raise ValueError(
+                f"width and base_width must be >= 1, got width={self.width}, "
+                f"base_width={self.base_width}"
+            )
+        if x.ndim != 4:
+            raise ValueError(f"images must have shape [N, H, W, C], got shape {x.shape}")
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_kernel_init,
+        )
+        norm = functools.partial(
+            batch_norm, self.dtype, self.bn_axis_name, use_running_average=not train
+        )
+        stem_width = self.base_width * self.width
+        if self.small_stem:
+            x = conv(stem_width, (3, 3), padding=((1, 1), (1, 1)), name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
+        else:
+            x = conv(stem_width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
+            x = nn.relu(norm(name="stem_bn")(x))
+            # Padding of a max-pool is -inf, as PyTorch's.
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for s, num_blocks in enumerate(self.stage_sizes):
+            for b in range(num_blocks):
+                x = ResidualBlock(
+                    planes=stem_width * 2**s,
+                    strides=2 if s > 0 and b == 0 else 1,
+                    kind=self.block,
+                    conv=conv,
+                    norm=norm,
+                    name=f"stage{s + 1}_block{b}",
+                )(x)
+        # Pool in float32: a bf16 mean over 49+ positions would lose precision.
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def resnet(arch: str, **kwargs: Any) -> ResNet:
+    """A `ResNet` by name: 'resnet18', 'resnet34', 'resnet50' or 'resnet101'.
+
+    Keyword arguments are `ResNet` fields (width, base_width, small_stem, dtype, ...).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    stage_sizes, block = ARCHS[arch]
+    return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
