@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from swav_jax.data import pipeline
-from swav_jax.models import build_model
+from swav_jax.models import build_model, sync_bn_mesh_shape
 from swav_jax.train import optim
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
 from swav_jax.train.metrics import MetricsWriter, Progress
@@ -32,17 +32,15 @@ class NonFiniteLossError(RuntimeError):
 def make_mesh(config: ml_collections.ConfigDict):
     """The data-parallel mesh over all devices of all processes.
 
-    Returns (mesh, data_axis, bn_axis). With `model.sync_bn_group_size` = g (0 < g <
-    devices) the mesh is 2-D, ('replica', 'bn') of shape (devices/g, g): the batch is
-    split over both axes and BatchNorm reduces over 'bn' only, i.e. in groups of g
-    consecutive devices, as the paper's groups of 8 GPUs.
+    A 2-D mesh ('data', 'bn') of shape (devices / g, g) with g =
+    `model.sync_bn_group_size` (0: all devices): the batch is split over both axes,
+    BatchNorm reduces over 'bn' only (groups of g devices, as the paper's groups of 8
+    GPUs), everything else over both. Returns (mesh, data_axes, bn_group_axis) where
+    bn_group_axis is 'data' when there are several groups, else None.
     """
-    n = jax.device_count()
-    group = int(config.model.sync_bn_group_size)
-    if group in (0, n):
-        return jax.make_mesh((n,), ("data",)), "data", "data"
-    mesh = jax.make_mesh((n // group, group), ("replica", "bn"))
-    return mesh, ("replica", "bn"), "bn"
+    shape = sync_bn_mesh_shape(jax.device_count(), int(config.model.sync_bn_group_size))
+    mesh = jax.make_mesh(shape, ("data", "bn"))
+    return mesh, ("data", "bn"), ("data" if shape[0] > 1 else None)
 
 
 class _StopFlag:
@@ -97,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     is_writer = jax.process_index() == 0
-    mesh, data_axis, bn_axis = make_mesh(config)
+    mesh, data_axis, bn_group_axis = make_mesh(config)
 
     data = pipeline.make_train_iterator(config, mesh=mesh, data_axis=data_axis)
     steps_per_epoch = pipeline.steps_per_epoch(config, data.num_examples)
@@ -116,10 +114,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.swav.queue_length = effective_queue_length(config)
-    model = build_model(config.model, bn_axis_name=bn_axis)
+    model = build_model(config.model, bn_axis_name="bn")
     state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
     train_step = make_train_step(
-        config, model, optimizer, schedule, mesh, steps_per_epoch=steps_per_epoch, data_axis=data_axis
+        config,
+        model,
+        optimizer,
+        schedule,
+        mesh,
+        steps_per_epoch=steps_per_epoch,
+        data_axis=data_axis,
+        bn_group_axis=bn_group_axis,
     )
 
     checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints))

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swav_jax import losses
 from swav_jax.data import augment
-from swav_jax.models.swav import normalize_prototypes, prototype_kernels
+from swav_jax.models import PROTOTYPES_PREFIX, normalize_prototypes
 from swav_jax.train.state import TrainState
 
 
@@ -44,6 +44,7 @@ def make_train_step(
     *,
     steps_per_epoch: int,
     data_axis: str | tuple[str, ...] = "data",
+    bn_group_axis: str | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, jitted, state donated.
 
@@ -55,6 +56,8 @@ def make_train_step(
       mesh: device mesh; the batch is sharded over `data_axis`.
       steps_per_epoch: iterations per epoch (for the queue start).
       data_axis: the mesh axis name(s) the batch is split over.
+      bn_group_axis: with BN synchronised in groups, the mesh axis across groups (BN
+        statistics are averaged over it after the step so the state stays replicated).
 
     The batch is `{'crops': tuple of uint8 [num_crops_g, global_batch, S_g, S_g, 3]}`,
     one array per resolution group, sharded `P(None, data_axis)`. Metrics are float32
@@ -88,7 +91,8 @@ def make_train_step(
                 {"params": p, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
             )
             head_losses, head_codes = [], []
-            for h, (head_scores, kernel) in enumerate(zip(scores, prototype_kernels(p))):
+            for h, head_scores in enumerate(scores):
+                kernel = p[f"{PROTOTYPES_PREFIX}{h}"]["kernel"]  # [D, K_h], unit columns
                 kwargs = dict(
                     crops_for_assign=crops_for_assign,
                     epsilon=swav.epsilon,
@@ -118,6 +122,11 @@ def make_train_step(
         # The loss is a per-device mean over equal local batches: average everything.
         grads = jax.lax.pmean(grads, data_axis)
         loss = jax.lax.pmean(loss, data_axis)
+        if bn_group_axis is not None:
+            # BN statistics are synchronised within a group only; keep the state
+            # replicated with the mean over groups of the per-group running statistics
+            # (the running update is linear in the batch statistics).
+            batch_stats = jax.lax.pmean(batch_stats, bn_group_axis)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
 

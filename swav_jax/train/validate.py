@@ -82,10 +82,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     for i, k in enumerate(model.num_prototypes):
         _positive_int(k, f"model.num_prototypes[{i}]")
     _positive_int(model.proj_dim, "model.proj_dim")
-    _positive_int(model.hidden_dim, "model.hidden_dim")
+    _require(model.hidden_dim >= 0, "model.hidden_dim", f"must be >= 0 (0: a single linear head), got {model.hidden_dim}")
     _positive_int(model.width, "model.width")
-    _require(model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             f"must be float32, bfloat16 or float16, got {model.dtype!r}")
+    _require(model.dtype in ("float32", "bfloat16"), "model.dtype",
+             f"must be float32 or bfloat16, got {model.dtype!r}")
     group = model.sync_bn_group_size
     _require(group == 0 or (group > 0 and num_devices % group == 0), "model.sync_bn_group_size",
              f"must be 0 (all devices) or divide the {num_devices} devices, got {group}")
