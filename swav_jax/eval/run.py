@@ -1,0 +1,135 @@
+"""Evaluation programs over a checkpoint: kNN and linear probe on frozen features.
+
+Used by `swav-jax eval knn|linear`, by the trainer's online kNN monitor and at the end
+of the demo. Features are the pooled backbone output with eval-mode BatchNorm, of
+images resized and centre-cropped to the first crop resolution (SPEC §8).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.tree_util import Partial
+
+from swav_jax.data import sources
+from swav_jax.data.eval_batches import eval_batches
+from swav_jax.eval.features import extract_features
+from swav_jax.eval.knn import knn_classify
+from swav_jax.eval.linear import train_linear_probe
+from swav_jax.models import SwAVModel, build_model
+
+
+def load_variables(path: str) -> tuple[dict[str, Any], int]:
+    """({'params', 'batch_stats'}, step) from a training workdir or a checkpoint folder.
+
+    `path` may be a workdir (its latest checkpoint under checkpoints/), one step folder
+    of a workdir (checkpoints/<step>), or a folder written by `swav-jax convert` (an
+    orbax StandardSave of {'params', 'batch_stats'}; step -1).
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if os.path.isdir(os.path.join(path, "state")):  # one step of a CheckpointManager
+        step = int(os.path.basename(path)) if os.path.basename(path).isdigit() else -1
+        tree = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+        return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
+    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    if steps:
+        return load_variables(os.path.join(path, str(max(steps))))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    tree = ocp.StandardCheckpointer().restore(path)
+    if "params" not in tree:
+        raise ValueError(f"{path} holds no 'params': not a swav-jax checkpoint")
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}, -1
+
+
+def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The network of `config` at initialisation (the seed of `config.seed`), for baselines."""
+    model = build_model(config.model)
+    size = int(config.crops.size_crops[0])
+    dummy = [jnp.zeros((1, 2, size, size, 3), jnp.float32)]
+    variables = jax.jit(lambda k: model.init(k, dummy, train=True))(jax.random.key(config.seed))
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def _apply_features(model: SwAVModel, mean, std, variables, images):
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    return model.apply(variables, x.astype(model.dtype), method=SwAVModel.features)
+
+
+def feature_fn(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> Partial:
+    """uint8 images [b, H, W, 3] -> pooled features [b, F] float32, as a jittable pytree."""
+    model = build_model(config.model)
+    mean = jnp.asarray(config.augment.mean, jnp.float32)
+    std = jnp.asarray(config.augment.std, jnp.float32)
+    return Partial(_apply_features, model, mean, std, variables)
+
+
+def _eval_mesh():
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def extract_split(config, variables, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features and labels of one split of `config.data`."""
+    source = sources.make_source(config.data, split)
+    size = int(config.eval.image_size or config.crops.size_crops[0])
+    batch_size = int(config.eval.batch_size) // jax.process_count()
+    replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    batches = eval_batches(source, size=size, batch_size=batch_size)
+    features, labels = extract_features(
+        feature_fn(config, replicated), batches, mesh=mesh, dtype=np.dtype(config.eval.feature_dtype)
+    )
+    keep = labels >= 0
+    return features[keep], labels[keep]
+
+
+def _num_classes(*label_arrays: np.ndarray) -> int:
+    return int(max(int(np.max(a)) for a in label_arrays)) + 1
+
+
+def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, prefix: str = "eval/knn") -> dict:
+    """Weighted kNN (k = config.eval.knn_k, T = config.eval.knn_temperature) on the train
+    split as the bank and `data.eval_split` as queries. Returns {'eval/knn_top1': %, ...};
+    the first k gives the unsuffixed keys, others e.g. 'eval/knn_top1@200'."""
+    mesh = _eval_mesh()
+    train_x, train_y = extract_split(config, variables, config.data.split, mesh)
+    test_x, test_y = extract_split(config, variables, config.data.eval_split, mesh)
+    ks = tuple(int(k) for k in config.eval.knn_k)
+    result = knn_classify(
+        train_x, train_y, test_x, test_y,
+        num_classes=_num_classes(train_y, test_y),
+        ks=ks,
+        temperature=float(config.eval.knn_temperature),
+        mesh=mesh,
+    )
+    out = {}
+    for i, k in enumerate(ks):
+        suffix = "" if i == 0 else f"@{k}"
+        out[f"{prefix}_top1{suffix}"] = result[k]["top1"]
+        out[f"{prefix}_top5{suffix}"] = result[k]["top5"]
+    return out
+
+
+def linear_eval(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> dict:
+    """The linear probe on cached frozen features (the fast variant of SPEC §8's protocol:
+    same optimiser and schedule, no crop augmentation). Returns {'eval/linear_top1': %, ...}."""
+    mesh = _eval_mesh()
+    train_x, train_y = extract_split(config, variables, config.data.split, mesh)
+    test_x, test_y = extract_split(config, variables, config.data.eval_split, mesh)
+    _, metrics = train_linear_probe(
+        train_x, train_y, test_x, test_y,
+        num_classes=_num_classes(train_y, test_y),
+        epochs=int(config.eval.linear_epochs),
+        batch_size=int(config.eval.linear_batch_size),
+        lr=float(config.eval.linear_lr),
+        weight_decay=float(config.eval.linear_weight_decay),
+        seed=int(config.seed),
+    )
+    return {"eval/linear_top1": metrics["test_top1"], "eval/linear_top5": metrics["test_top5"]}
