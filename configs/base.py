@@ -78,6 +78,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.trust_coefficient = 0.001
     c.optim.lars_eps = 1e-8
 
+    # Evaluation of frozen features (SPEC §8; swav_jax/eval).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256  # global
+    c.eval.image_size = 0  # 0: the first crop resolution (resize size*256/224, centre crop)
+    c.eval.feature_dtype = "float32"  # float16 halves host memory for ImageNet-size banks
+    c.eval.knn_k = (20, 200)
+    c.eval.knn_temperature = 0.07
+    c.eval.knn_every_epochs = 0  # online kNN monitor during pretraining; 0: off
+    c.eval.knn_at_end = False  # kNN of the final model (and of random init, below)
+    c.eval.knn_random_init = False  # also report eval/knn_top1_random_init at the end
+    c.eval.linear_epochs = 100
+    c.eval.linear_batch_size = 256
+    c.eval.linear_lr = 0.3
+    c.eval.linear_weight_decay = 1e-6
+
     # Loop, logging, checkpoints.
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000

@@ -49,6 +49,10 @@ def get_config():
     c.optim.start_warmup = 0.0
     c.optim.warmup_epochs = 1
 
+    c.eval.knn_k = (20,)
+    c.eval.knn_at_end = True
+    c.eval.knn_random_init = True
+
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2

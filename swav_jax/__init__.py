@@ -1,11 +1,19 @@
 """swav-jax: SwAV self-supervised pretraining in JAX/Flax.
 
-The top level holds only the pure-jax algorithm (Sinkhorn codes and the SwAV loss),
+The top level holds only the pure-jax algorithms (Sinkhorn codes, the SwAV loss, ExCB
+cluster balancing),
 so importing it costs nothing beyond jax. Models, data, training and evaluation live
 in the subpackages `swav_jax.models`, `swav_jax.data`, `swav_jax.train`,
 `swav_jax.eval` and are imported explicitly.
 """
 
+from swav_jax.balancing import (
+    balance_similarities,
+    excb_loss,
+    excb_metrics,
+    init_cluster_sizes,
+    update_cluster_sizes,
+)
 from swav_jax.losses import assign_codes, prototype_usage, swapped_prediction_loss, swav_loss
 from swav_jax.sinkhorn import sinkhorn
 
@@ -13,6 +21,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "assign_codes",
+    "balance_similarities",
+    "excb_loss",
+    "excb_metrics",
+    "init_cluster_sizes",
+    "update_cluster_sizes",
     "prototype_usage",
     "sinkhorn",
     "swapped_prediction_loss",

@@ -1,6 +1,7 @@
 """`swav-jax` command line: argument parsing and dispatch only.
 
     swav-jax train --config configs/demo.py --workdir DIR [--config.key=value ...]
+    swav-jax eval knn|linear --config CONFIG --workdir DIR [--checkpoint PATH]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
     swav-jax plot --workdir DIR
 
@@ -89,6 +90,21 @@ def _show_crops(args, config_args):
     print(f"wrote {path}")
 
 
+def _eval(args, config_args):
+    _distributed_init(args.distributed)
+    import jax
+
+    from swav_jax.eval.run import knn_eval, linear_eval, load_variables
+    from swav_jax.train.metrics import MetricsWriter
+
+    config = load_config(config_args)
+    variables, step = load_variables(args.checkpoint or args.workdir)
+    results = (knn_eval if args.protocol == "knn" else linear_eval)(config, variables)
+    for key, value in results.items():
+        print(f"{key} = {value:.2f}")
+    MetricsWriter(args.workdir, enabled=jax.process_index() == 0).write(max(step, 0), results)
+
+
 def _plot(args, config_args):
     del config_args
     import os
@@ -114,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: jax.distributed.initialize() from the cluster environment (launch/ scripts set it)",
     )
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen features")
+    p.add_argument("protocol", choices=("knn", "linear"))
+    p.add_argument("--workdir", required=True, help="results are appended to WORKDIR/metrics.jsonl")
+    p.add_argument("--checkpoint", default=None, help="default: the latest checkpoint in --workdir")
+    p.add_argument("--distributed", choices=("auto", "off"), default="off")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("show-crops", help="write a grid of the augmented crops of some images")
     p.add_argument("images", nargs="+")

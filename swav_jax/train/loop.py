@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from swav_jax.data import pipeline
+from swav_jax.eval.run import knn_eval, random_init_variables
 from swav_jax.models import build_model, sync_bn_mesh_shape
 from swav_jax.train import optim
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
@@ -77,6 +78,16 @@ def _collapse_message(num_prototypes: int, steps: int) -> str:
         "(swav.epoch_queue_starts, swav.queue_length), freeze the prototypes longer "
         "(swav.freeze_prototypes_niters), fewer prototypes (model.num_prototypes), a lower learning rate."
     )
+
+
+def _variables(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _log_eval(writer: MetricsWriter, step: int, results: dict, is_writer: bool) -> None:
+    writer.write(step, results)
+    if is_writer:
+        print("eval: " + " ".join(f"{k}={v:.2f}" for k, v in results.items()), flush=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None) -> dict:
@@ -143,6 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     collapse_warned = False
     last_metrics: dict = {}
     log_every = max(int(config.log_every_steps), 1)
+    knn_every = int(config.eval.knn_every_epochs) * steps_per_epoch
     ckpt_every = max(int(config.checkpoint_every_steps), 1)
     if is_writer:
         print(
@@ -193,6 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                     if is_writer:
                         progress.report(step, steps_per_sec, images_per_sec, host)
                 last_metrics = {"step": step, **host}
+            if knn_every and step % knn_every == 0 and step < last_step:
+                _log_eval(writer, step, knn_eval(config, _variables(state)), is_writer)
             if need_ckpt or stop_now:
                 checkpointer.save(step, state, data)
             if stop_now:
@@ -201,6 +215,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                     print(f"Preempted: checkpoint saved at step {step}; re-run the same command to resume.",
                           flush=True)
                 break
+        else:
+            if step == total_steps and config.eval.knn_at_end:
+                results = knn_eval(config, _variables(state))
+                if config.eval.knn_random_init:
+                    results.update(knn_eval(config, random_init_variables(config), prefix="eval/knn_random_init"))
+                _log_eval(writer, step, results, is_writer)
+                last_metrics.update(results)
     finally:
         checkpointer.close()
         writer.close()
