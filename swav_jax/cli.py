@@ -156,7 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    args.run(args, config_args)
+    from swav_jax.train.errors import ConfigError, NonFiniteLossError
+
+    try:
+        args.run(args, config_args)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        # Bad input gets a message, not a traceback (set SWAV_JAX_TRACEBACK=1 for one).
+        if os.environ.get("SWAV_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ from swav_jax.data import pipeline
 from swav_jax.eval.run import knn_eval, random_init_variables
 from swav_jax.models import build_model, sync_bn_mesh_shape
 from swav_jax.train import optim
+from swav_jax.train.errors import NonFiniteLossError
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
 from swav_jax.train.metrics import MetricsWriter, Progress
 from swav_jax.train.step import init_state, make_train_step
 from swav_jax.train.validate import effective_queue_length, validate_config
 
 log = logging.getLogger("swav_jax")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def make_mesh(config: ml_collections.ConfigDict):

@@ -35,6 +35,12 @@ def _queue_full(queue: jax.Array, data_axis) -> jax.Array:
     return jax.lax.pmin(full.astype(jnp.int32), data_axis) > 0
 
 
+def _crop_keys(step_key: jax.Array, views: jax.Array, samples: jax.Array) -> jax.Array:
+    """[len(views), len(samples)] keys, one per (crop index, global sample index)."""
+    per_view = lambda v: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, v), i))(samples)
+    return jax.vmap(per_view)(views)
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model,
@@ -70,16 +76,22 @@ def make_train_step(
     aug_config = config.augment
 
     def local_step(state: TrainState, crops: tuple[jax.Array, ...]):
-        device_rng = jax.random.fold_in(
-            jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), jax.lax.axis_index(data_axis)
-        )
-        images = []
-        for g, group in enumerate(crops):
-            n, b = group.shape[:2]
-            flat = group.reshape((n * b,) + group.shape[2:])
-            out = augment.augment_crops(jax.random.fold_in(device_rng, g), flat, aug_config, dtype=compute_dtype)
-            images.append(out.reshape((n, b) + out.shape[1:]))
+        # One key per crop of each sample, from the sample's index in the global batch:
+        # the augmentation does not depend on how the batch is split over devices.
         local_batch = crops[0].shape[1]
+        first = jax.lax.axis_index(data_axis) * local_batch
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        images = []
+        view = 0
+        for group in crops:
+            n, b = group.shape[:2]
+            keys = _crop_keys(step_key, view + jnp.arange(n), first + jnp.arange(b)).reshape(n * b)
+            flat = group.reshape((n * b,) + group.shape[2:])
+            out = jax.vmap(
+                lambda key, image: augment.augment_crops(key, image[None], aug_config, dtype=compute_dtype)[0]
+            )(keys, flat)
+            images.append(out.reshape((n, b) + out.shape[1:]))
+            view += n
 
         # The release normalises the stored prototypes in place before the forward:
         # the normalised weights are the parameters from here on.

@@ -6,9 +6,7 @@ import logging
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
+from swav_jax.train.errors import ConfigError
 
 
 def _require(ok: bool, key: str, message: str) -> None:

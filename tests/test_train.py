@@ -1,0 +1,278 @@
+"""The trainer: sharded step equals single device, multi-process equals single process,
+freeze and queue semantics, resume bit for bit, SIGTERM, guards, config validation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import tiny_config
+from swav_jax.eval.run import load_variables
+from swav_jax.models import build_model
+from swav_jax.train import optim
+from swav_jax.train.loop import NonFiniteLossError, make_mesh, train
+from swav_jax.train.step import init_state, make_train_step
+from swav_jax.train.validate import ConfigError, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build(config, mesh, data_axis, bn_group_axis, steps_per_epoch=10):
+    schedule = optim.lr_schedule(
+        config.optim, steps_per_epoch=steps_per_epoch, epochs=config.epochs, batch_size=config.batch_size
+    )
+    optimizer = optim.make_optimizer(
+        config.optim,
+        schedule,
+        freeze_mask=optim.prototype_mask,
+        freeze_steps=config.swav.freeze_prototypes_niters,
+    )
+    model = build_model(config.model, bn_axis_name="bn")
+    state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
+    step = make_train_step(
+        config, model, optimizer, schedule, mesh,
+        steps_per_epoch=steps_per_epoch, data_axis=data_axis, bn_group_axis=bn_group_axis,
+    )
+    return state, step
+
+
+def _batches(config, num_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        [
+            rng.integers(0, 256, size=(n, config.batch_size, s, s, 3), dtype=np.uint8)
+            for n, s in zip(config.crops.num_crops, config.crops.size_crops)
+        ]
+        for _ in range(num_steps)
+    ]
+
+
+def _run_steps(config, mesh, data_axis, bn_group_axis, batches, steps_per_epoch=10):
+    state, step = _build(config, mesh, data_axis, bn_group_axis, steps_per_epoch)
+    sharding = NamedSharding(mesh, P(None, data_axis))
+    history = []
+    for crops in batches:
+        batch = {"crops": tuple(jax.device_put(c, sharding) for c in crops)}
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+def _single_device_mesh():
+    return jax.make_mesh((1, 1), ("data", "bn"), devices=jax.devices()[:1])
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_sharded_step_equals_single_device():
+    config = tiny_config.get_config()
+    batches = _batches(config, 2)
+    mesh8, axes, groups = make_mesh(config)
+    assert mesh8.devices.size == 8
+    sharded, m8 = _run_steps(config, mesh8, axes, groups, batches)
+    single, m1 = _run_steps(config, _single_device_mesh(), ("data", "bn"), None, batches)
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
+    _assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
+    _assert_trees_close(sharded.batch_stats, single.batch_stats, rtol=1e-4, atol=1e-5)
+
+
+def test_bn_groups_keep_state_replicated_and_train():
+    config = tiny_config.get_config()
+    config.model.sync_bn_group_size = 4
+    mesh, axes, groups = make_mesh(config)
+    assert mesh.devices.shape == (2, 4) and groups == "data"
+    state, history = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    assert all(np.isfinite(m["train/loss"]) for m in history)
+    assert state.batch_stats  # replicated (out_specs P()) after the group mean
+
+
+def test_prototypes_frozen_then_trained():
+    config = tiny_config.get_config()
+    config.swav.freeze_prototypes_niters = 2
+    mesh, axes, groups = make_mesh(config)
+    init, _ = _build(config, mesh, axes, groups)
+    init = jax.device_get(init)
+    state, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    np.testing.assert_array_equal(state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"])
+    assert not np.allclose(state.params["projection_out"]["kernel"], init.params["projection_out"]["kernel"])
+    later, _ = _run_steps(config, mesh, axes, groups, _batches(config, 3))
+    assert not np.allclose(later.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"])
+
+
+def test_queue_starts_fills_and_is_used_once_full():
+    config = tiny_config.get_config()
+    config.swav.queue_length = 2 * config.batch_size  # 2 local batches per device
+    config.swav.epoch_queue_starts = 1
+    mesh, axes, groups = make_mesh(config)
+    steps_per_epoch = 2
+    state, history = _run_steps(config, mesh, axes, groups, _batches(config, 5), steps_per_epoch)
+    # Steps 0-1: before the queue epoch, nothing stored. Steps 2-3 fill it; step 4 uses it.
+    assert [m["train/queue_in_use"] for m in history] == [0, 0, 0, 0, 1]
+    queue = np.asarray(state.queue)
+    assert queue.shape == (2, 2 * config.batch_size, config.model.proj_dim)
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=-1), 1.0, rtol=1e-5)
+
+    before, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2), steps_per_epoch)
+    np.testing.assert_array_equal(before.queue, 0.0)
+
+
+def test_queue_holds_newest_embeddings_in_front():
+    """Per device: the newest local batch at the front, the previous one shifted back."""
+    config = tiny_config.get_config()
+    config.swav.queue_length = 2 * config.batch_size
+    config.swav.epoch_queue_starts = 0
+    mesh, axes, groups = make_mesh(config)
+    one, _ = _run_steps(config, mesh, axes, groups, _batches(config, 1))
+    two, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    local_b, local_q = config.batch_size // 8, 2 * config.batch_size // 8
+    for d in range(8):
+        block1 = np.asarray(one.queue)[:, d * local_q:(d + 1) * local_q]
+        block2 = np.asarray(two.queue)[:, d * local_q:(d + 1) * local_q]
+        np.testing.assert_array_equal(block1[:, local_b:], 0.0)
+        np.testing.assert_allclose(block2[:, local_b:], block1[:, :local_b], atol=1e-6)
+
+
+def test_multiprocess_equals_single_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    single = tmp_path / "single.npz"
+    subprocess.run(
+        [sys.executable, "tests/train_worker.py", str(single)],
+        cwd=ROOT, check=True, timeout=300,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    multi = tmp_path / "multi.npz"
+    subprocess.run(
+        ["bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "tests/train_worker.py", str(multi)],
+        cwd=ROOT, check=True, timeout=300, env=env,
+    )
+    a, b = np.load(single), np.load(multi)
+    assert sorted(a.files) == sorted(b.files)
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_decreases_on_a_short_run(tmp_path):
+    config = tiny_config.get_config()
+    config.epochs = 6
+    config.batch_size = 32
+    config.optim.base_lr = 0.5
+    config.checkpoint_every_steps = 1000
+    train(config, str(tmp_path))
+    losses = [m["train/loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 6 * (1437 // 32)
+    assert np.mean(losses[-5:]) < losses[0] - 0.1, losses
+
+
+def test_resume_is_bit_exact(tmp_path):
+    config = tiny_config.get_config()
+    config.swav.queue_length = 32
+    config.swav.epoch_queue_starts = 0
+    train(config, str(tmp_path / "straight"), max_steps=5)
+    train(config, str(tmp_path / "resumed"), max_steps=3)
+    train(config, str(tmp_path / "resumed"), max_steps=5)
+    a, step_a = load_variables(str(tmp_path / "straight"))
+    b, step_b = load_variables(str(tmp_path / "resumed"))
+    assert step_a == step_b == 5
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    straight = {m["step"]: m["train/loss"] for m in _metrics(tmp_path / "straight")}
+    resumed = {m["step"]: m["train/loss"] for m in _metrics(tmp_path / "resumed")}
+    assert straight == resumed
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config.get_config()
+    config.optim.base_lr = 1e30
+    config.optim.start_warmup = 1e30
+    config.swav.freeze_prototypes_niters = 0
+    config.checkpoint_every_steps = 1
+    with pytest.raises(NonFiniteLossError, match="Non-finite"):
+        train(config, str(tmp_path), max_steps=20)
+    variables, step = load_variables(str(tmp_path))
+    assert step >= 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "swav_jax", "train", "--config", "tests/tiny_config.py",
+        "--workdir", str(workdir), "--config.epochs=50", "--config.checkpoint_every_steps=100000",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (workdir / "metrics.jsonl").exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "Preempted" in out
+    _, step = load_variables(str(workdir))
+    assert step >= 1
+    resumed = subprocess.run(
+        cmd[:-2] + ["--config.epochs=1", "--max-steps", str(step + 1)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"starting at step {step}" in resumed.stdout
+
+
+@pytest.mark.parametrize(
+    "key,value,devices,match",
+    [
+        ("batch_size", 12, 8, "batch_size"),
+        ("batch_size", 0, 1, "batch_size"),
+        ("crops.num_crops", (2,), 1, "crops.num_crops"),
+        ("crops.min_scale_crops", (0.5, 0.05), 1, r"crops.min_scale_crops\[0\]"),
+        ("crops.size_crops", (16, 0), 1, r"crops.size_crops\[1\]"),
+        ("swav.crops_for_assign", (0, 9), 1, "swav.crops_for_assign"),
+        ("swav.crops_for_assign", (2,), 1, "swav.crops_for_assign"),
+        ("swav.queue_length", 8, 1, "swav.queue_length"),
+        ("swav.epsilon", 0.0, 1, "swav.epsilon"),
+        ("swav.sinkhorn_iterations", 0, 1, "swav.sinkhorn_iterations"),
+        ("model.num_prototypes", (12, 0), 1, r"model.num_prototypes\[1\]"),
+        ("model.sync_bn_group_size", 3, 8, "model.sync_bn_group_size"),
+        ("model.dtype", "float64", 1, "model.dtype"),
+    ],
+)
+def test_config_validation_names_the_key(key, value, devices, match):
+    config = tiny_config.get_config()
+    section, _, name = key.rpartition(".")
+    target = config[section] if section else config
+    with config.unlocked():
+        target[name] = value
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config, num_devices=devices, num_processes=1)
+
+
+def test_cli_reports_bad_config_before_compiling(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "swav_jax", "train", "--config", "tests/tiny_config.py",
+         "--workdir", str(tmp_path), "--config.batch_size=12"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode != 0
+    assert "config.batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
