@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.10",
-        "optax>=0.2.4",
+        "optax>=0.2.6",
         "grain>=0.2.10",
         # tfds.data_source reads ArrayRecord without TensorFlow.
         "tensorflow-datasets>=4.9.7",

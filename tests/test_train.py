@@ -104,10 +104,14 @@ def test_prototypes_frozen_then_trained():
     init, _ = _build(config, mesh, axes, groups)
     init = jax.device_get(init)
     state, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2))
-    np.testing.assert_array_equal(state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"])
+    # Frozen: only the per-step re-normalisation touches them (float rounding).
+    np.testing.assert_allclose(
+        state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"], atol=1e-6
+    )
     assert not np.allclose(state.params["projection_out"]["kernel"], init.params["projection_out"]["kernel"])
     later, _ = _run_steps(config, mesh, axes, groups, _batches(config, 3))
-    assert not np.allclose(later.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"])
+    moved = np.abs(later.params["prototypes_0"]["kernel"] - init.params["prototypes_0"]["kernel"]).max()
+    assert moved > 1e-5  # LARS steps are small (trust 0.001); frozen drift is ~1e-7
 
 
 def test_queue_starts_fills_and_is_used_once_full():
@@ -244,7 +248,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         ("batch_size", 12, 8, "batch_size"),
         ("batch_size", 0, 1, "batch_size"),
         ("crops.num_crops", (2,), 1, "crops.num_crops"),
-        ("crops.min_scale_crops", (0.5, 0.05), 1, r"crops.min_scale_crops\[0\]"),
+        ("crops.min_scale_crops", (0.14, 0.2), 1, r"crops.min_scale_crops\[1\]"),
         ("crops.size_crops", (16, 0), 1, r"crops.size_crops\[1\]"),
         ("swav.crops_for_assign", (0, 9), 1, "swav.crops_for_assign"),
         ("swav.crops_for_assign", (2,), 1, "swav.crops_for_assign"),

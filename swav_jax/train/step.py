@@ -155,7 +155,7 @@ def make_train_step(
             "train/lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
             "train/empty_prototypes": usage["empty_prototypes"],
             "train/assignment_entropy": usage["assignment_entropy"],
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/queue_in_use": jnp.asarray(use_queue, jnp.float32),
         }
         new_state = state.replace(
