@@ -3,6 +3,7 @@
     swav-jax train --config configs/demo.py --workdir DIR [--config.key=value ...]
     swav-jax eval knn|linear --config CONFIG --workdir DIR [--checkpoint PATH]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
+    swav-jax convert --from-torch CHECKPOINT.pth.tar --arch resnet50 --out DIR
     swav-jax plot --workdir DIR
 
 Config files are Python files with `get_config()`; any key can be overridden with
@@ -105,6 +106,13 @@ def _eval(args, config_args):
     MetricsWriter(args.workdir, enabled=jax.process_index() == 0).write(max(step, 0), results)
 
 
+def _convert(args, config_args):
+    del config_args
+    from swav_jax.convert import main_convert
+
+    main_convert(args)
+
+
 def _plot(args, config_args):
     del config_args
     import os
@@ -143,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="crops.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_show_crops)
+    p = sub.add_parser("convert", help="import/export the SwAV release's PyTorch checkpoints")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-torch", metavar="CHECKPOINT", help="release-format .pth(.tar) to import")
+    direction.add_argument("--to-torch", metavar="DIR", help="converted DIR or orbax checkpoint to export")
+    p.add_argument("--out", required=True, help="--from-torch: output DIR; --to-torch: output .pth.tar")
+    p.add_argument("--arch", default=None, help="with --from-torch: resnet50, resnet50w2, resnet50w4, resnet50w5")
+    p.add_argument("--base-width", type=int, default=64, help="stem width before the multiplier (64)")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem, no max-pool")
+    p.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
+                   help="drop state-dict keys starting with PREFIX (e.g. fc. for torch.hub models)")
+    p.add_argument("--torch-prefix", default="module.", help="--to-torch: key prefix ('' for a bare model)")
+    p.set_defaults(run=_convert)
+
     p = sub.add_parser("plot", help="PNG plots of WORKDIR/metrics.jsonl (loss, lr, prototype usage, eval)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default=None, help="output folder (default WORKDIR/plots)")

@@ -53,7 +53,7 @@ import argparse
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.traverse_util
 import jax
@@ -520,10 +520,3 @@ def main_convert(args: argparse.Namespace) -> None:
         )
         _torch().save(state_dict, args.out)
         print(f"wrote {args.out}: {len(state_dict)} tensors")
-
-
-def convert_cli(argv: Iterable[str]) -> None:
-    """Parses `swav-jax convert` arguments (without the subcommand) and runs it."""
-    parser = argparse.ArgumentParser(prog="swav-jax convert")
-    add_convert_arguments(parser)
-    main_convert(parser.parse_args(list(argv)))

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.tree_util import Partial
 
+from swav_jax import convert
 from swav_jax.data import sources
 from swav_jax.data.eval_batches import eval_batches
 from swav_jax.eval.features import extract_features
@@ -28,26 +28,22 @@ from swav_jax.models import SwAVModel, build_model
 def load_variables(path: str) -> tuple[dict[str, Any], int]:
     """({'params', 'batch_stats'}, step) from a training workdir or a checkpoint folder.
 
-    `path` may be a workdir (its latest checkpoint under checkpoints/), one step folder
-    of a workdir (checkpoints/<step>), or a folder written by `swav-jax convert` (an
-    orbax StandardSave of {'params', 'batch_stats'}; step -1).
+    `path` may be a workdir (its latest checkpoint under checkpoints/), a checkpoints/
+    folder, one step folder (checkpoints/<step>), or a folder written by `swav-jax
+    convert` (step -1).
     """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):  # one step of a CheckpointManager
-        step = int(os.path.basename(path)) if os.path.basename(path).isdigit() else -1
-        tree = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
-        return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
     steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    if steps:
-        return load_variables(os.path.join(path, str(max(steps))))
-    if not os.path.isdir(path):
+    if steps and not os.path.isdir(os.path.join(path, "state")):
+        path = os.path.join(path, str(max(steps)))
+    step = int(os.path.basename(path)) if os.path.basename(path).isdigit() else -1
+    if os.path.isdir(os.path.join(path, "state")):
+        path = os.path.join(path, "state")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    tree = ocp.StandardCheckpointer().restore(path)
-    if "params" not in tree:
-        raise ValueError(f"{path} holds no 'params': not a swav-jax checkpoint")
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}, -1
+    return convert.load_variables(path), step
 
 
 def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
