@@ -8,14 +8,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from swav_jax.data import pipeline
-
 
 class Checkpointer:
     """`workdir/checkpoints/<step>/{state,data}`: the last `keep` steps, saved asynchronously.
 
-    `data` is the input iterator's position (one file per process), so a resumed run
-    sees exactly the batches an uninterrupted one would have seen.
+    `data` is the input iterator's position (`get_state()`, JSON; the same on every
+    process), so a resumed run sees exactly the batches an uninterrupted one would
+    have seen.
     """
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
@@ -35,7 +34,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=pipeline.checkpoint_save_args(data_iterator)
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iterator.get_state())
             ),
             force=True,
         )
@@ -44,11 +43,9 @@ class Checkpointer:
         """Restores `state` (shaped and sharded like `abstract_state`) and the iterator."""
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=pipeline.checkpoint_restore_args(data_iterator),
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
+        data_iterator.set_state(restored["data"])
         return restored["state"]
 
     def wait(self) -> None:
