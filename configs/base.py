@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 2  # threads per worker, each building one batch (PIL frees the GIL)
     c.data.prefetch = 2  # batches kept on device ahead of the step
     c.data.image_size = 0  # digits only: upscale the 8x8 images to this size
+    c.data.canvas_size = 512  # host decodes into C x C uint8 (larger images shrunk to fit); crops cut on device
 
     # Multi-crop (per resolution group), as the release's flags.
     c.crops = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""Host multi-crop: RandomResizedCrop statistics, flips, decoding and every bad-input case."""
+"""Host multi-crop: RandomResizedCrop statistics, flips, decoding into the canvas, every bad-input case."""
 
 import io
 import logging
@@ -55,75 +55,71 @@ def test_random_resized_crop_fallback_is_central_and_ratio_clamped():
     assert random_resized_crop_box(rng, 100, 1000, (0.5, 1.0)) == (0, (1000 - 133) // 2, 100, 133)
 
 
-def test_crops_grouped_by_resolution():
-    mc = MultiCrop((24, 8), (2, 6), (0.14, 0.05), (1.0, 0.14))
-    groups = mc.crops(encode(smooth_image(60, 80)), np.random.default_rng(0))
-    assert [g.shape for g in groups] == [(2, 24, 24, 3), (6, 8, 8, 3)]
-    assert all(g.dtype == np.uint8 for g in groups)
-    # same generator state, same crops; another, other crops
-    again = mc.crops(encode(smooth_image(60, 80)), np.random.default_rng(0))
-    other = mc.crops(encode(smooth_image(60, 80)), np.random.default_rng(1))
-    assert all(np.array_equal(a, b) for a, b in zip(groups, again))
-    assert not np.array_equal(groups[0], other[0])
-
-
-def test_horizontal_flip_half_the_time():
-    image = np.zeros((16, 16, 3), np.uint8)
-    image[:, :8, 0] = 255  # red left half, blue right half
-    image[:, 8:, 2] = 255
-    mc = MultiCrop((8,), (200,), (1.0,), (1.0,))  # full-image crops
-    (crops,) = mc.crops(image, np.random.default_rng(0))
-    red_left = crops[:, :, 0, 0] > 128
-    flipped = crops[:, :, 0, 2] > 128
-    assert np.all(red_left.all(1) ^ flipped.all(1))
-    assert abs(flipped.all(1).mean() - 0.5) < 4 * np.sqrt(0.25 / 200)
-
-
-def test_bilinear_crop_matches_pil_resize_of_box():
-    image = smooth_image(50, 70)
-    mc = MultiCrop((20,), (1,), (0.3,), (0.6,))
-    rng = np.random.default_rng(3)
-    (crop,) = mc.crops(image, rng)
-    rng = np.random.default_rng(3)
-    left, top, w, h = random_resized_crop_box(rng, 70, 50, (0.3, 0.6))
-    flip = rng.random(1)[0] < 0.5
-    want = np.asarray(Image.fromarray(image).crop((left, top, left + w, top + h)).resize((20, 20), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(crop[0], want[:, ::-1] if flip else want)
-
-
-def test_jpeg_draft_decoding_of_large_images_matches_full_decode():
-    """A 1600 x 1200 JPEG with 16 px crops is decoded at 1/8 scale; result ~ full decode."""
-    data = encode(smooth_image(1200, 1600), quality=95)
-    mc = MultiCrop((16,), (8,), (0.3,), (1.0,))
-    (fast,) = mc.crops(data, np.random.default_rng(0))
+def test_sample_shapes_determinism_and_box_placement():
+    mc = MultiCrop((24, 8), (2, 6), (0.14, 0.05), (1.0, 0.14), canvas_size=96)
+    image = smooth_image(60, 80)
+    canvas, boxes, flip = mc.sample(encode(image, "PNG"), np.random.default_rng(0))
+    assert canvas.shape == (96, 96, 3) and canvas.dtype == np.uint8
+    assert boxes.shape == (8, 4) and boxes.dtype == np.float32 and flip.shape == (8,) and flip.dtype == bool
+    np.testing.assert_array_equal(canvas[:60, :80], image)  # top-left, lossless PNG
+    assert not canvas[60:].any() and not canvas[:, 80:].any()
+    # boxes are torchvision's, drawn group by group, then the flips
     rng = np.random.default_rng(0)
-    boxes = [random_resized_crop_box(rng, 1600, 1200, (0.3, 1.0)) for _ in range(8)]
-    flips = rng.random(8) < 0.5
-    full = Image.open(io.BytesIO(data)).convert("RGB")
-    for crop, (l, t, w, h), flip in zip(fast, boxes, flips):
-        want = np.asarray(full.resize((16, 16), Image.Resampling.BILINEAR, box=(l, t, l + w, t + h)))
-        want = want[:, ::-1] if flip else want
-        assert np.abs(crop.astype(int) - want).mean() < 2.0
+    want = [random_resized_crop_box(rng, 80, 60, s) for s, n in (((0.14, 1.0), 2), ((0.05, 0.14), 6)) for _ in range(n)]
+    np.testing.assert_array_equal(boxes, [(t, l, h, w) for l, t, w, h in want])
+    np.testing.assert_array_equal(flip, rng.random(8) < 0.5)
+    again = mc.sample(encode(image, "PNG"), np.random.default_rng(0))
+    other = mc.sample(encode(image, "PNG"), np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip((canvas, boxes, flip), again))
+    assert not np.array_equal(boxes, other[1])
 
 
-def test_mode_conversions(tmp_path):
-    mc = MultiCrop((8,), (2,), (0.5,), (1.0,))
+def test_flip_rate():
+    mc = MultiCrop((8,), (400,), (0.5,), (1.0,), canvas_size=16)
+    _, _, flip = mc.sample(smooth_image(16, 16), np.random.default_rng(0))
+    assert abs(flip.mean() - 0.5) < 4 * np.sqrt(0.25 / 400)
+
+
+def test_large_jpeg_is_shrunk_to_the_canvas_with_draft():
+    """A 1600 x 1200 JPEG into a 64 px canvas: decoded at 1/8 by libjpeg, then resized."""
+    data = encode(smooth_image(1200, 1600), quality=95)
+    mc = MultiCrop((16,), (4,), (0.3,), (1.0,), canvas_size=64)
+    canvas, boxes, _ = mc.sample(data, np.random.default_rng(0))
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 48), Image.Resampling.BILINEAR))
+    assert np.abs(canvas[:48].astype(int) - want).mean() < 2.0
+    assert not canvas[48:].any()
+    rng = np.random.default_rng(0)
+    orig = [random_resized_crop_box(rng, 1600, 1200, (0.3, 1.0)) for _ in range(4)]
+    np.testing.assert_allclose(boxes, [(t * 0.04, l * 0.04, h * 0.04, w * 0.04) for l, t, w, h in orig], rtol=1e-5)
+
+
+def palette_png(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).quantize(256).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_mode_conversions():
+    mc = MultiCrop((8,), (2,), (0.5,), (1.0,), canvas_size=32)
     rgb = smooth_image(20, 24)
     cases = {
         "grey_png": encode(rgb, "PNG", mode="L"),
         "grey_jpeg": encode(rgb, "JPEG", mode="L"),
         "cmyk_jpeg": encode(rgb, "JPEG", mode="CMYK"),
         "rgba_png": encode(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]), "PNG"),
-        "palette_png": encode(rgb, "PNG", mode="P"),
+        "palette_png": palette_png(rgb),
         "grey_array": rgb[..., 0],
         "grey_array_c1": rgb[..., :1],
         "rgba_array": np.dstack([rgb, rgb[..., :1]]),
     }
     for name, image in cases.items():
-        (crops,) = mc.crops(image, np.random.default_rng(0))
-        assert crops.shape == (2, 8, 8, 3) and crops.dtype == np.uint8, name
+        canvas, _, _ = mc.sample(image, np.random.default_rng(0))
+        assert canvas.shape == (32, 32, 3) and canvas.dtype == np.uint8, name
         if name.startswith("grey"):
-            assert np.array_equal(crops[..., 0], crops[..., 2]), name
+            np.testing.assert_array_equal(canvas[..., 0], canvas[..., 2], err_msg=name)
+        lossy = {"rgba_png": 0, "rgba_array": 0, "palette_png": 6, "cmyk_jpeg": 8}  # alpha dropped
+        if name in lossy:
+            assert np.abs(canvas[:20, :24].astype(int) - rgb).mean() <= lossy[name], name
 
 
 def test_sixteen_bit_png_keeps_its_range():
@@ -131,19 +127,18 @@ def test_sixteen_bit_png_keeps_its_range():
     buf = io.BytesIO()
     Image.fromarray(value).save(buf, format="PNG")
     assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
-    mc = MultiCrop((6,), (2,), (0.5,), (1.0,))
-    (crops,) = mc.crops(buf.getvalue(), np.random.default_rng(0))
-    assert np.all(crops == 40000 >> 8)
-    (crops,) = mc.crops(value, np.random.default_rng(0))  # uint16 arrays too
-    assert np.all(crops == 40000 >> 8)
+    mc = MultiCrop((6,), (2,), (0.5,), (1.0,), canvas_size=12)
+    for image in (buf.getvalue(), value):  # 16-bit PNG bytes and uint16 arrays
+        canvas, _, _ = mc.sample(image, np.random.default_rng(0))
+        assert np.all(canvas == 40000 >> 8)
 
 
-def test_image_smaller_than_crop_is_upsampled():
-    mc = MultiCrop((32,), (3,), (0.14,), (1.0,))
-    (crops,) = mc.crops(encode(smooth_image(5, 4), "PNG"), np.random.default_rng(0))
-    assert crops.shape == (3, 32, 32, 3)
-    (crops,) = mc.crops(encode(smooth_image(1, 1), "PNG"), np.random.default_rng(0))
-    assert crops.shape == (3, 32, 32, 3)
+def test_image_smaller_than_crop_gives_small_boxes():
+    mc = MultiCrop((32,), (3,), (0.14,), (1.0,), canvas_size=32)
+    for h, w in ((5, 4), (1, 1)):
+        canvas, boxes, _ = mc.sample(encode(smooth_image(h, w), "PNG"), np.random.default_rng(0))
+        assert np.all(boxes[:, 0] + boxes[:, 2] <= h) and np.all(boxes[:, 1] + boxes[:, 3] <= w)
+        assert np.all(boxes[:, 2:] >= 1)
 
 
 def bad_records():
@@ -159,7 +154,7 @@ def bad_records():
 
 @pytest.mark.parametrize("name", sorted(bad_records()))
 def test_bad_records_are_dropped_with_a_warning(name, caplog):
-    mc = MultiCrop((8,), (2,), (0.5,), (1.0,))
+    mc = MultiCrop((8,), (2,), (0.5,), (1.0,), canvas_size=64)
     record = {"image": bad_records()[name], "label": 3, "path": f"/data/{name}"}
     with caplog.at_level(logging.WARNING, logger="swav_jax.data.multicrop"):
         assert mc.random_map(record, np.random.default_rng(0)) is None
@@ -168,7 +163,7 @@ def test_bad_records_are_dropped_with_a_warning(name, caplog):
 
 def test_decompression_bomb_is_dropped(monkeypatch, caplog):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 40 x 50 image is then a bomb
-    mc = MultiCrop((8,), (2,), (0.5,), (1.0,))
+    mc = MultiCrop((8,), (2,), (0.5,), (1.0,), canvas_size=64)
     with caplog.at_level(logging.WARNING, logger="swav_jax.data.multicrop"):
         assert mc.random_map({"image": encode(smooth_image(40, 50)), "label": 0}, np.random.default_rng(0)) is None
     assert "DecompressionBomb" in caplog.text
@@ -176,10 +171,11 @@ def test_decompression_bomb_is_dropped(monkeypatch, caplog):
 
 def test_large_image_is_processed():
     data = encode(smooth_image(3000, 4000), quality=80)
-    mc = MultiCrop((32, 16), (2, 2), (0.14, 0.05), (1.0, 0.14))
+    mc = MultiCrop((32, 16), (2, 2), (0.14, 0.05), (1.0, 0.14), canvas_size=128)
     out = mc.random_map({"image": data, "label": 1, "index": 5}, np.random.default_rng(0))
     assert out["label"] == 1 and out["index"] == 5
-    assert [c.shape for c in out["crops"]] == [(2, 32, 32, 3), (2, 16, 16, 3)]
+    assert out["canvas"].shape == (128, 128, 3) and out["canvas"][:96].any() and not out["canvas"][96:].any()
+    assert np.all(out["boxes"][:, 0] + out["boxes"][:, 2] <= 96 + 1e-3)
 
 
 @pytest.mark.parametrize(
@@ -188,8 +184,9 @@ def test_large_image_is_processed():
         (dict(size_crops=(8, 4), num_crops=(2,), min_scale_crops=(0.1,), max_scale_crops=(1.0,)), "equal length"),
         (dict(size_crops=(8,), num_crops=(0,), min_scale_crops=(0.1,), max_scale_crops=(1.0,)), "positive"),
         (dict(size_crops=(8,), num_crops=(2,), min_scale_crops=(0.5,), max_scale_crops=(0.2,)), "min_scale"),
+        (dict(size_crops=(8,), num_crops=(2,), min_scale_crops=(0.1,), max_scale_crops=(1.0,), canvas_size=0), "canvas_size"),
     ],
 )
 def test_bad_crop_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MultiCrop(**kwargs)
+        MultiCrop(**{"canvas_size": 32, **kwargs})

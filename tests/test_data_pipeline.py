@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 
 from configs.base import get_config
 from swav_jax.data import pipeline, sources
+from swav_jax.data.crop_resize import crop_groups
 
 
 def small_config(**data):
@@ -24,6 +25,7 @@ def small_config(**data):
     c.data.num_workers = 0
     c.data.read_threads = 1
     c.data.prefetch = 2
+    c.data.canvas_size = 24
     c.crops.size_crops = (12, 6)
     c.crops.num_crops = (2, 3)
     for k, v in data.items():
@@ -61,7 +63,15 @@ def take(ds_or_it, n):
     return out
 
 
-def assert_batches_equal(a, b):
+HOST_KEYS = ("canvas", "boxes", "flip", "label", "index", "replaced")
+
+
+def assert_host_batches_equal(a, b):
+    for k in HOST_KEYS:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_device_batches_equal(a, b):
     assert len(a["crops"]) == len(b["crops"])
     for x, y in zip(a["crops"], b["crops"]):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -180,7 +190,8 @@ def test_host_batches_cover_each_epoch_once():
     assert sorted(idx[:24]) == list(range(24)) and sorted(idx[24:]) == list(range(24))
     assert not np.array_equal(idx[:24], idx[24:])  # reshuffled every epoch
     b = batches[0]
-    assert [x.shape for x in b["crops"]] == [(2, 8, 12, 12, 3), (3, 8, 6, 6, 3)]
+    assert b["canvas"].shape == (8, 24, 24, 3) and b["canvas"].dtype == np.uint8
+    assert b["boxes"].shape == (8, 5, 4) and b["flip"].shape == (8, 5)
     np.testing.assert_array_equal(b["label"], b["index"] % 4)
 
 
@@ -192,8 +203,7 @@ def test_same_batches_whatever_the_worker_and_thread_count():
     a = take(pipeline.host_dataset(c0, src, seed=3, shard_options=opts), 3)
     b = take(pipeline.host_dataset(c2, src, seed=3, shard_options=opts), 3)
     for x, y in zip(a, b):
-        assert_batches_equal(x, y)
-        np.testing.assert_array_equal(x["index"], y["index"])
+        assert_host_batches_equal(x, y)
 
 
 def test_process_shards_are_disjoint_cover_and_match_one_process():
@@ -209,11 +219,8 @@ def test_process_shards_are_disjoint_cover_and_match_one_process():
     seen = np.concatenate([b["index"] for shard in per_process for b in shard])
     assert len(seen) == 24 and sorted(seen) == list(range(24))
     for k in range(steps):  # global batch k is the same whatever the process count
-        joined = {
-            "crops": tuple(np.concatenate([per_process[p][k]["crops"][g] for p in range(3)], axis=1) for g in range(2)),
-            "label": np.concatenate([per_process[p][k]["label"] for p in range(3)]),
-        }
-        assert_batches_equal(joined, one[k])
+        joined = {key: np.concatenate([per_process[p][k][key] for p in range(3)]) for key in HOST_KEYS}
+        assert_host_batches_equal(joined, one[k])
 
 
 def test_bad_records_are_replaced_and_counted(mesh, caplog):
@@ -260,20 +267,28 @@ def test_global_batches_are_sharded_over_the_data_axis(mesh):
     batch = next(it)
     for crops, size, n in zip(batch["crops"], (12, 6), (2, 3)):
         assert crops.shape == (n, 16, size, size, 3) and crops.dtype == np.uint8
-        assert crops.sharding == NamedSharding(mesh, P(None, "data"))
+        assert crops.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 5)
         assert {s.data.shape for s in crops.addressable_shards} == {(n, 2, size, size, 3)}
-    assert batch["label"].sharding == NamedSharding(mesh, P("data")) and batch["label"].dtype == np.int32
+    assert batch["label"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
+    assert batch["label"].dtype == np.int32
     assert it.num_examples == 40 and it.steps_per_epoch == pipeline.steps_per_epoch(c, 40) == 2
     host = take(pipeline.host_dataset(c, array_source(40), seed=c.seed, shard_options=grain.sharding.NoSharding()), 1)[0]
-    assert_batches_equal(jax.block_until_ready(batch), host)
+    want = crop_groups(host["canvas"], host["boxes"], host["flip"], c.crops.size_crops, c.crops.num_crops)
+    for got, w in zip(jax.block_until_ready(batch)["crops"], want):
+        assert np.abs(np.asarray(got).astype(int) - np.asarray(w)).max() <= 1
+    np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
     it.close()
 
 
-def test_tuple_data_axis(mesh):
-    grouped = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "bn"))
+@pytest.mark.parametrize("make_mesh", ["Mesh", "jax.make_mesh"])  # auto and explicit axes
+def test_tuple_data_axis(make_mesh):
+    if make_mesh == "Mesh":
+        grouped = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "bn"))
+    else:
+        grouped = jax.make_mesh((4, 2), ("data", "bn"))
     it = pipeline.make_train_iterator(small_config(), mesh=grouped, data_axis=("data", "bn"), source=array_source())
     batch = jax.block_until_ready(next(it))
-    assert batch["crops"][1].sharding == NamedSharding(grouped, P(None, ("data", "bn")))
+    assert batch["crops"][1].sharding.is_equivalent_to(NamedSharding(grouped, P(None, ("data", "bn"))), 5)
     starts = sorted(s.index[1].start for s in batch["crops"][1].addressable_shards)
     assert starts == list(range(8))  # one example per device, all different
     it.close()
@@ -293,9 +308,9 @@ def test_resume_equals_uninterrupted(mesh, tmp_path):
     assert restored["data"]["next_batch"] == 2
     resumed = pipeline.make_train_iterator(c, mesh=mesh, source=src, start_state=restored["data"])
     for k in range(2, 5):
-        assert_batches_equal(next(resumed), full[k])
+        assert_device_batches_equal(next(resumed), full[k])
     resumed.set_state(restored["data"])  # set_state rewinds a running iterator too
-    assert_batches_equal(next(resumed), full[2])
+    assert_device_batches_equal(next(resumed), full[2])
     resumed.close()
     manager.close()
 

@@ -1,26 +1,31 @@
-"""Host side of multi-crop: decode, RandomResizedCrop per crop, horizontal flip.
+"""Host side of multi-crop: decode into a fixed canvas and draw the crop boxes.
 
-One record in, uint8 crops grouped by resolution out (SPEC §7, torchvision semantics):
+The host does only what needs the encoded file or Python randomness; pixels are cut
+and resized on the accelerator (`crop_resize.py`), because PIL's resize of two 224 px
+crops alone costs about twice a 500 x 375 JPEG decode (see docs/BENCHMARKS.md).
 
-  record {'image': bytes | uint8 array, 'label': int}
-    -> {'crops': (uint8 [num_crops[0], S0, S0, 3], uint8 [num_crops[1], S1, S1, 3], ...),
-        'label': int}
+  record {'image': bytes | uint8 array, 'label': int(, 'index': int)}
+    -> {'canvas': uint8 [C, C, 3]     the RGB image at the top-left, zeros elsewhere
+        'boxes':  float32 [V, 4]      (top, left, height, width) per crop, canvas pixels
+        'flip':   bool [V]            horizontal flip per crop
+        'label':  int(, 'index': int)}
 
-All randomness comes from the `np.random.Generator` grain hands to `random_map`,
-seeded from the pipeline seed and the element's position, so the crops do not depend
-on the number of workers.
+with C = c.data.canvas_size and V = sum(c.crops.num_crops), crops ordered by group
+(all `size_crops[0]` crops first). Boxes follow torchvision's RandomResizedCrop on the
+original image (area scale U(min, max), log-uniform aspect ratio in [3/4, 4/3], 10
+attempts, then the central crop); flips are Bernoulli(0.5). All randomness comes from
+the `np.random.Generator` grain hands to `random_map`, seeded by the pipeline seed and
+the element's position, so results do not depend on the number of workers.
 
-Speed: crop boxes are drawn from the image header before decoding, so a JPEG whose
-every crop box is at least twice the crop size is decoded at 1/2, 1/4 or 1/8 scale
-(libjpeg's DCT scaling, `Image.draft`). Each crop is then PIL's bilinear resize of
-its box (antialiased when shrinking), exactly torchvision's `resized_crop` on PIL
-images at full resolution.
+Images larger than the canvas are shrunk to fit (aspect kept; JPEGs first decoded at
+1/2, 1/4 or 1/8 scale by libjpeg when that still covers the fit, `Image.draft`, then
+PIL's antialiased bilinear resize); boxes are scaled with them.
 
 Bad input: undecodable or truncated files and decompression bombs (more than
-2 x `PIL.Image.MAX_IMAGE_PIXELS`) make `random_map` log a warning and return None,
-grain's marker for a dropped element; `pipeline.py` replaces it. Grayscale, palette,
-CMYK, RGBA (alpha dropped) and 16-bit images are converted to RGB uint8; images
-smaller than a crop are upsampled, as torchvision does.
+2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels) make `random_map` log a warning and return
+None, grain's marker for a dropped element; `pipeline.py` replaces it. Grayscale,
+palette, CMYK, RGBA (alpha dropped) and 16-bit images are converted to RGB uint8;
+images smaller than a crop are upsampled, as torchvision does.
 """
 
 from __future__ import annotations
@@ -100,12 +105,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 class MultiCrop(grain.transforms.RandomMap):
-    """grain random map: record -> uint8 crops grouped by resolution.
+    """grain random map: record -> canvas, crop boxes and flips (see module doc).
 
     Args:
       size_crops: crop size per group, e.g. (224, 96).
       num_crops: crops per group, e.g. (2, 6).
       min_scale_crops, max_scale_crops: RandomResizedCrop area range per group.
+      canvas_size: side C of the square uint8 canvas images are decoded into.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class MultiCrop(grain.transforms.RandomMap):
         num_crops: Sequence[int],
         min_scale_crops: Sequence[float],
         max_scale_crops: Sequence[float],
+        canvas_size: int,
     ):
         groups = (size_crops, num_crops, min_scale_crops, max_scale_crops)
         if len({len(g) for g in groups}) != 1 or not size_crops:
@@ -126,59 +133,57 @@ class MultiCrop(grain.transforms.RandomMap):
                 raise ValueError(f"c.crops: sizes and counts must be positive, got size {s}, count {n}")
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"c.crops: need 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
+        if canvas_size <= 0:
+            raise ValueError(f"c.data.canvas_size must be positive, got {canvas_size}")
         self.size_crops = tuple(int(s) for s in size_crops)
         self.num_crops = tuple(int(n) for n in num_crops)
         self.scales = tuple((float(lo), float(hi)) for lo, hi in zip(min_scale_crops, max_scale_crops))
+        self.canvas_size = int(canvas_size)
 
     @classmethod
-    def from_config(cls, crops_config) -> "MultiCrop":
-        c = crops_config
-        return cls(c.size_crops, c.num_crops, c.min_scale_crops, c.max_scale_crops)
+    def from_config(cls, config) -> "MultiCrop":
+        c = config.crops
+        return cls(c.size_crops, c.num_crops, c.min_scale_crops, c.max_scale_crops, config.data.canvas_size)
 
-    def crops(self, image: bytes | np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-        """uint8 crops, one [num_crops[g], size_crops[g], size_crops[g], 3] array per group.
+    def sample(self, image: bytes | np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(canvas uint8 [C, C, 3], boxes float32 [V, 4], flip bool [V]) for one image.
 
         Raises whatever PIL raises on bad input.
         """
         img = open_image(image)
         width, height = img.size
-        boxes = [
-            [random_resized_crop_box(rng, width, height, scale) for _ in range(n)]
-            for n, scale in zip(self.num_crops, self.scales)
-        ]
-        flips = [rng.random(n) < 0.5 for n in self.num_crops]
-        # Largest power-of-two JPEG downscale that still leaves every box >= its crop size.
-        shrink = min(
-            min(w, h) / size for group, size in zip(boxes, self.size_crops) for _, _, w, h in group
-        )
-        factor = 1.0
-        if shrink >= 2.0:
-            s = 8 if shrink >= 8 else 4 if shrink >= 4 else 2
-            drafted = img.draft(None, (width // s, height // s))  # None unless JPEG
-            if drafted is not None:
-                factor = drafted[1][2] / width
-        img = to_rgb(img)  # decodes (and raises on truncated data)
-        out = []
-        for group, group_flips, size in zip(boxes, flips, self.size_crops):
-            arrays = np.empty((len(group), size, size, 3), np.uint8)
-            for k, ((left, top, w, h), flip) in enumerate(zip(group, group_flips)):
-                if factor == 1.0:  # torchvision: crop, then resize the crop
-                    crop = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
-                else:  # the box in the reduced image has fractional corners
-                    box = (left * factor, top * factor, (left + w) * factor, (top + h) * factor)
-                    crop = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-                arrays[k] = np.asarray(crop)[:, ::-1] if flip else np.asarray(crop)
-            out.append(arrays)
-        return tuple(out)
+        boxes = np.array(
+            [
+                random_resized_crop_box(rng, width, height, scale)
+                for n, scale in zip(self.num_crops, self.scales)
+                for _ in range(n)
+            ],
+            np.float32,
+        ).reshape(-1, 4)
+        flip = rng.random(len(boxes)) < 0.5
+        c = self.canvas_size
+        if max(width, height) > c:
+            fit = c / max(width, height)
+            target = (max(1, min(c, round(width * fit))), max(1, min(c, round(height * fit))))
+            img.draft(None, target)  # JPEG only: decode at the coarsest scale still >= target
+            img = to_rgb(img).resize(target, Image.Resampling.BILINEAR)
+        else:
+            img = to_rgb(img)  # decodes (and raises on truncated data)
+        pixels = np.asarray(img)
+        fx, fy = pixels.shape[1] / width, pixels.shape[0] / height
+        canvas = np.zeros((c, c, 3), np.uint8)
+        canvas[: pixels.shape[0], : pixels.shape[1]] = pixels
+        left, top, w, h = boxes.T
+        return canvas, np.stack([top * fy, left * fx, h * fy, w * fx], axis=1), flip
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
         try:
-            crops = self.crops(record["image"], rng)
+            canvas, boxes, flip = self.sample(record["image"], rng)
         except Exception as e:  # any decoder failure: skip this record, never the run
             where = record.get("path", "")
             log.warning("skipping bad image record %s(%s: %s)", f"{where} " if where else "", type(e).__name__, e)
             return None
-        out = {"crops": crops, "label": record["label"]}
+        out = {"canvas": canvas, "boxes": boxes, "flip": flip, "label": record["label"]}
         if "index" in record:
             out["index"] = record["index"]
         return out

@@ -3,9 +3,12 @@
 The sample stream is one global, process-count independent sequence:
 
   source -> shuffle (reshuffled every epoch, seed c.seed) -> repeat forever
-         -> MultiCrop random_map (rng seeded by the seed and the stream position)
+         -> MultiCrop random_map: decode into a canvas, draw crop boxes and flips
+            (rng seeded by the seed and the stream position)
          -> bad records replaced -> batches of global_batch / process_count
          -> process p takes local batches p, p + P, p + 2P, ...
+         -> global arrays on the mesh -> crops cut and resized on device
+            (`crop_resize.crop_groups`, per device under shard_map)
 
 so global step k holds stream elements [k * G, (k + 1) * G) in order, whatever the
 number of processes or worker processes. Everything up to the batches is a grain
@@ -42,6 +45,7 @@ from absl import flags
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from swav_jax.data.crop_resize import crop_groups
 from swav_jax.data.multicrop import MultiCrop
 from swav_jax.data.sources import make_source
 
@@ -102,10 +106,10 @@ def _with_index(num_records: int, index: int, record: dict[str, Any]) -> dict[st
 
 
 def _stack_batch(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Crop-major batch: 'crops' one uint8 [num_crops_g, B, S_g, S_g, 3] per group."""
-    num_groups = len(elements[0]["crops"])
     return {
-        "crops": tuple(np.stack([e["crops"][g] for e in elements], axis=1) for g in range(num_groups)),
+        "canvas": np.stack([e["canvas"] for e in elements]),
+        "boxes": np.stack([e["boxes"] for e in elements]),
+        "flip": np.stack([e["flip"] for e in elements]),
         "label": np.array([e["label"] for e in elements], np.int32),
         "index": np.array([e["index"] for e in elements], np.int64),
         "replaced": np.array([e["replaced"] for e in elements], np.int32),
@@ -122,8 +126,11 @@ def host_dataset(
 ) -> grain.IterDataset:
     """This process's batches of the global stream, from global step `start_batch` on.
 
-    Returns a grain IterDataset of dicts:
-      'crops':    tuple of uint8 [num_crops_g, B, S_g, S_g, 3], B = c.batch_size / shard_count
+    Returns a grain IterDataset of dicts, B = c.batch_size / shard_count,
+    C = c.data.canvas_size, V = sum(c.crops.num_crops):
+      'canvas':   uint8 [B, C, C, 3]  decoded images, top-left aligned
+      'boxes':    float32 [B, V, 4]   crop boxes (top, left, height, width), canvas pixels
+      'flip':     bool [B, V]
       'label':    int32 [B]  (-1 when unlabeled)
       'index':    int64 [B]  record index in the source
       'replaced': int32 [B]  bad records each element replaced
@@ -137,7 +144,7 @@ def host_dataset(
         raise ValueError(f"c.data: the data source {source!r} is empty")
     ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_index, len(source)))
     ds = ds.seed(seed).shuffle().repeat(None)
-    ds = ds.random_map(MultiCrop.from_config(config.crops))
+    ds = ds.random_map(MultiCrop.from_config(config))
     ds = ReplaceDropped(ds, period=len(source))
     ds = ds.batch(config.batch_size // count, drop_remainder=True, batch_fn=_stack_batch)
     ds = ds[index + start_batch * count :: count]
@@ -186,8 +193,11 @@ class TrainIterator:
         if config.data.prefetch < 0:
             raise ValueError(f"c.data.prefetch must be >= 0, got {config.data.prefetch}")
         self.steps_per_epoch = steps_per_epoch(config, self.num_examples)
-        self._crop_sharding = NamedSharding(mesh, P(None, data_axis))
-        self._label_sharding = NamedSharding(mesh, P(data_axis))
+        self._batch_sharding = NamedSharding(mesh, P(data_axis))
+        crops = functools.partial(crop_groups, size_crops=config.crops.size_crops, num_crops=config.crops.num_crops)
+        self._crop_fn = jax.jit(
+            jax.shard_map(crops, mesh=mesh, in_specs=P(data_axis), out_specs=P(None, data_axis))
+        )
         self._prefetch = int(config.data.prefetch)
         self._next_batch = 0  # global batches handed out
         self.num_skipped = 0  # bad records replaced in those batches (this process)
@@ -199,12 +209,11 @@ class TrainIterator:
 
     def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, jax.Array], int]:
         g = self.global_batch
-        crops = tuple(
-            jax.make_array_from_process_local_data(self._crop_sharding, c, (c.shape[0], g) + c.shape[2:])
-            for c in host["crops"]
+        canvas, boxes, flip, label = (
+            jax.make_array_from_process_local_data(self._batch_sharding, host[k], (g,) + host[k].shape[1:])
+            for k in ("canvas", "boxes", "flip", "label")
         )
-        label = jax.make_array_from_process_local_data(self._label_sharding, host["label"], (g,))
-        return {"crops": crops, "label": label}, int(host["replaced"].sum())
+        return {"crops": self._crop_fn(canvas, boxes, flip), "label": label}, int(host["replaced"].sum())
 
     def _fetch(self) -> None:
         if self._host_iter is None:

@@ -2,8 +2,9 @@
 
 One row per image, one column per crop (crop-major, as the model sees them: the
 `size_crops[0]` crops first). Crops pass through exactly the training transforms,
-host (`MultiCrop`) then device (`augment_crops`), and are de-normalised for viewing;
-smaller crops sit at their true size in the top-left corner of their cell.
+host (`MultiCrop`) then device (`crop_groups`, `augment_crops`), and are
+de-normalised for viewing; smaller crops sit at their true size in the top-left
+corner of their cell.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from swav_jax.data.augment import augment_crops, denormalize
+from swav_jax.data.crop_resize import crop_groups
 from swav_jax.data.multicrop import MultiCrop
 
 PAD = 4  # pixels between cells
@@ -23,12 +25,14 @@ BACKGROUND = 255
 
 def augmented_views(image: bytes | np.ndarray, config, seed: int = 0) -> list[np.ndarray]:
     """The V crops of one image after host and device augmentation, uint8 [S_v, S_v, 3]."""
-    groups = MultiCrop.from_config(config.crops).crops(image, np.random.default_rng(seed))
+    canvas, boxes, flip = MultiCrop.from_config(config).sample(image, np.random.default_rng(seed))
+    c = config.crops
+    groups = crop_groups(canvas[None], boxes[None], flip[None], c.size_crops, c.num_crops)
     key = jax.random.key(seed)
     augment = jax.jit(lambda k, x: augment_crops(k, x, config.augment))
     views = []
-    for g, crops in enumerate(groups):
-        out = augment(jax.random.fold_in(key, g), crops)
+    for g, crops in enumerate(groups):  # crops: [n_g, 1, S, S, 3]
+        out = augment(jax.random.fold_in(key, g), crops[:, 0])
         views.extend(denormalize(np.asarray(out), config.augment))
     return views
 
