@@ -195,7 +195,7 @@ def test_host_batches_cover_each_epoch_once():
     np.testing.assert_array_equal(b["label"], b["index"] % 4)
 
 
-def test_same_batches_whatever_the_worker_and_thread_count():
+def test_same_batches_whatever_the_worker_and_thread_count(mesh):
     src = array_source()
     c0 = small_config(num_workers=0, read_threads=0)
     c2 = small_config(num_workers=2, read_threads=2)
@@ -204,6 +204,11 @@ def test_same_batches_whatever_the_worker_and_thread_count():
     b = take(pipeline.host_dataset(c2, src, seed=3, shard_options=opts), 3)
     for x, y in zip(a, b):
         assert_host_batches_equal(x, y)
+    # and on the mesh, from worker processes' shared-memory batches
+    a = take(pipeline.make_train_iterator(c0, mesh=mesh, source=src), 2)
+    b = take(pipeline.make_train_iterator(c2, mesh=mesh, source=src), 2)
+    for x, y in zip(a, b):
+        assert_device_batches_equal(x, y)
 
 
 def test_process_shards_are_disjoint_cover_and_match_one_process():

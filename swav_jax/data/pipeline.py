@@ -11,15 +11,18 @@ The sample stream is one global, process-count independent sequence:
             (`crop_resize.crop_groups`, per device under shard_map)
 
 so global step k holds stream elements [k * G, (k + 1) * G) in order, whatever the
-number of processes or worker processes. Everything up to the batches is a grain
-`MapDataset` (random access), which is why the output does not depend on
-`c.data.num_workers`, and why the iterator state is just the number of global batches
-consumed: it is identical on every process and restored exactly.
+number of processes or worker processes (host arrays are identical; a device-resized
+pixel may round +-1 differently on another device layout). Everything up to the
+batches is a grain `MapDataset` (random access), which is why the output does not
+depend on `c.data.num_workers` or `c.data.read_threads`, and why the iterator state
+is just the number of global batches consumed: it is identical on every process and
+restored exactly, even onto another number of processes.
 
 Bad records (see `multicrop.py`) come out of the random map as None; the element at
 stream position i is then replaced by the element at i + N (same position, next
 epoch: another image, other crops), or i + 2N, ... Each batch counts its
-replacements; `TrainIterator.num_skipped` sums them for the trainer to log.
+replacements; `TrainIterator.num_skipped` sums them (this process's batches) for
+the trainer to log, and a warning names each bad file as it is met.
 
 Epochs: the stream never ends (num_epochs=None); a batch may straddle two epochs.
 `steps_per_epoch(config, n) = n // c.batch_size` (remainder dropped) is the epoch
@@ -29,6 +32,8 @@ Checkpointing with orbax, beside the train state:
   save:    ocp.args.Composite(..., data=ocp.args.JsonSave(iterator.get_state()))
   restore: ocp.args.Composite(..., data=ocp.args.JsonRestore()), then
            iterator.set_state(restored['data'])  (or make_train_iterator(start_state=...)).
+orbax writes the JSON from the primary process only; that is enough because the
+position is the same everywhere (its `num_skipped` is then process 0's count).
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ from typing import Any, Sequence
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from swav_jax.data.crop_resize import crop_groups
@@ -67,6 +72,11 @@ def data_axis_size(mesh: jax.sharding.Mesh, data_axis: str | Sequence[str]) -> i
         if a not in mesh.shape:
             raise ValueError(f"data_axis {a!r} is not an axis of the mesh {dict(mesh.shape)}")
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_process_split(config, process_count: int) -> None:
+    if config.batch_size % process_count:
+        raise ValueError(f"c.batch_size={config.batch_size} does not divide over {process_count} processes")
 
 
 class ReplaceDropped(grain.MapDataset):
@@ -105,15 +115,34 @@ def _with_index(num_records: int, index: int, record: dict[str, Any]) -> dict[st
     return {**record, "index": index % num_records}
 
 
-def _stack_batch(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "canvas": np.stack([e["canvas"] for e in elements]),
-        "boxes": np.stack([e["boxes"] for e in elements]),
-        "flip": np.stack([e["flip"] for e in elements]),
-        "label": np.array([e["label"] for e in elements], np.int32),
-        "index": np.array([e["index"] for e in elements], np.int64),
-        "replaced": np.array([e["replaced"] for e in elements], np.int32),
-    }
+class StackBatch:
+    """grain batch_fn: stacks element fields, into shared memory inside grain workers.
+
+    grain calls `enable_shared_memory_output` in worker processes; the large canvas
+    batch is then written once, straight into the block the main process reads,
+    instead of stacked and copied.
+    """
+
+    def __init__(self):
+        self._shared = False
+
+    def enable_shared_memory_output(self) -> None:
+        self._shared = True
+
+    def _stack(self, arrays: list[np.ndarray]) -> np.ndarray:
+        shape, dtype = (len(arrays),) + arrays[0].shape, arrays[0].dtype
+        out = grain.multiprocessing.SharedMemoryArray(shape, dtype) if self._shared else np.empty(shape, dtype)
+        return np.stack(arrays, out=out)
+
+    def __call__(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "canvas": self._stack([e["canvas"] for e in elements]),
+            "boxes": np.stack([e["boxes"] for e in elements]),
+            "flip": np.stack([e["flip"] for e in elements]),
+            "label": np.array([e["label"] for e in elements], np.int32),
+            "index": np.array([e["index"] for e in elements], np.int64),
+            "replaced": np.array([e["replaced"] for e in elements], np.int32),
+        }
 
 
 def host_dataset(
@@ -136,17 +165,14 @@ def host_dataset(
       'replaced': int32 [B]  bad records each element replaced
     """
     count, index = shard_options.shard_count, shard_options.shard_index
-    if config.batch_size % count:
-        raise ValueError(
-            f"c.batch_size={config.batch_size} does not divide over {count} processes"
-        )
+    _check_process_split(config, count)
     if len(source) == 0:
         raise ValueError(f"c.data: the data source {source!r} is empty")
     ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_index, len(source)))
     ds = ds.seed(seed).shuffle().repeat(None)
     ds = ds.random_map(MultiCrop.from_config(config))
     ds = ReplaceDropped(ds, period=len(source))
-    ds = ds.batch(config.batch_size // count, drop_remainder=True, batch_fn=_stack_batch)
+    ds = ds.batch(config.batch_size // count, drop_remainder=True, batch_fn=StackBatch())
     ds = ds[index + start_batch * count :: count]
     threads = config.data.read_threads
     # Each element is a whole batch: keep the in-process buffer to one per thread.
@@ -185,11 +211,7 @@ class TrainIterator:
                 f"c.batch_size={self.global_batch} does not divide over the {n_data} devices of "
                 f"mesh axis {data_axis!r}"
             )
-        if self.global_batch % shard_options.shard_count:
-            raise ValueError(
-                f"c.batch_size={self.global_batch} does not divide over "
-                f"{shard_options.shard_count} processes"
-            )
+        _check_process_split(config, shard_options.shard_count)
         if config.data.prefetch < 0:
             raise ValueError(f"c.data.prefetch must be >= 0, got {config.data.prefetch}")
         self.steps_per_epoch = steps_per_epoch(config, self.num_examples)
