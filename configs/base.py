@@ -22,8 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # tfds data_dir, or the image folder's root
     c.data.eval_split = "validation"
     c.data.num_workers = 8  # grain worker processes per host (0: in-process)
+    c.data.read_threads = 2  # threads per worker (0: none), each building one batch
     c.data.prefetch = 2  # batches kept on device ahead of the step
     c.data.image_size = 0  # digits only: upscale the 8x8 images to this size
+    c.data.canvas_size = 512  # host decodes into C x C uint8 (larger images shrunk to fit); crops cut on device
 
     # Multi-crop (per resolution group), as the release's flags.
     c.crops = ml_collections.ConfigDict()
