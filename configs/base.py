@@ -10,6 +10,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.method = "swav"  # swav | excb (online cluster balancing, SPEC §10)
     c.seed = 31
     c.batch_size = 4096  # global, over all devices and processes
     c.epochs = 800

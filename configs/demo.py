@@ -22,6 +22,7 @@ def get_config():
     c.data.split = "train"
     c.data.eval_split = "test"
     c.data.image_size = 32
+    c.data.canvas_size = 32  # the digits are 32 px: no need for a larger canvas
     c.data.num_workers = 0
     c.data.prefetch = 2
 

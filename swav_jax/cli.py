@@ -87,8 +87,8 @@ def _train(args, config_args):
 def _show_crops(args, config_args):
     from swav_jax.data.show_crops import show_crops
 
-    path = show_crops(args.images, load_config(config_args), args.out, seed=args.seed)
-    print(f"wrote {path}")
+    show_crops(args.images, load_config(config_args), args.out, seed=args.seed)
+    print(f"wrote {args.out}")
 
 
 def _eval(args, config_args):

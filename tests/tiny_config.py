@@ -8,6 +8,7 @@ def get_config():
     c.batch_size = 16
     c.epochs = 1
     c.data.image_size = 16
+    c.data.canvas_size = 16
     c.crops.size_crops = (16, 8)
     c.crops.num_crops = (2, 2)
     c.model.base_width = 4

@@ -7,6 +7,7 @@ images resized and centre-cropped to the first crop resolution (SPEC §8).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -65,7 +66,9 @@ def feature_fn(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> 
     model = build_model(config.model)
     mean = jnp.asarray(config.augment.mean, jnp.float32)
     std = jnp.asarray(config.augment.std, jnp.float32)
-    return Partial(_apply_features, model, mean, std, variables)
+    # The module is static (bound into the function); normalisation constants and
+    # weights are traced arguments, so one compiled program serves every checkpoint.
+    return Partial(functools.partial(_apply_features, model), mean, std, variables)
 
 
 def _eval_mesh():

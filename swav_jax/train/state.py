@@ -19,7 +19,7 @@ class TrainState:
       opt_state: optimiser state (momentum, step counters), replicated.
       queue: [A, L, D] float32 embedding queues, one FIFO per assigning crop; L is
         the total length over devices and each device holds its own [A, L / devices, D]
-        (sharded over the data axis on dimension 1; L = 0 without a queue). All zeros
+        (sharded over the data axis on dimension 1); None without a queue. All zeros
         until the queue epoch starts; used once full (SPEC §4).
       rng: [2] uint32 raw PRNG key data (`jax.random.key_data`) for augmentation,
         replicated; per-step and per-device keys are folded in from it.
@@ -29,5 +29,5 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    queue: jax.Array
+    queue: jax.Array | None
     rng: jax.Array

@@ -96,7 +96,7 @@ def make_train_step(
         # The release normalises the stored prototypes in place before the forward:
         # the normalised weights are the parameters from here on.
         params = normalize_prototypes(state.params)
-        use_queue = _queue_full(state.queue, data_axis) if state.queue.shape[1] else jnp.bool_(False)
+        use_queue = jnp.bool_(False) if state.queue is None else _queue_full(state.queue, data_axis)
 
         def loss_fn(p):
             (embeddings, scores), new_vars = model.apply(
@@ -112,7 +112,7 @@ def make_train_step(
                     axis_name=data_axis,
                 )
                 detached = jax.lax.stop_gradient(head_scores)
-                if state.queue.shape[1]:
+                if state.queue is not None:
                     queue_scores = state.queue @ jax.lax.stop_gradient(kernel)
                     codes = jax.lax.cond(
                         use_queue,
@@ -143,7 +143,7 @@ def make_train_step(
         params = optax.apply_updates(params, updates)
 
         queue = state.queue
-        if queue.shape[1]:
+        if queue is not None:
             # Shift by the local batch, newest embeddings of the assigning crops in front.
             newest = jax.lax.stop_gradient(embeddings[jnp.array(crops_for_assign)]).astype(queue.dtype)
             shifted = jnp.concatenate([newest, queue[:, :-local_batch]], axis=1)
@@ -163,8 +163,14 @@ def make_train_step(
         )
         return new_state, metrics
 
+    has_queue = int(swav.queue_length) > 0
     state_specs = TrainState(
-        step=P(), params=P(), batch_stats=P(), opt_state=P(), queue=P(None, data_axis), rng=P()
+        step=P(),
+        params=P(),
+        batch_stats=P(),
+        opt_state=P(),
+        queue=P(None, data_axis) if has_queue else None,
+        rng=P(),
     )
     batch_spec = P(None, data_axis)
     sharded = jax.shard_map(
@@ -186,6 +192,8 @@ def state_shardings(mesh: Mesh, state: TrainState, data_axis: str | tuple[str, .
     """NamedShardings for a TrainState: everything replicated but the queue."""
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, state)
+    if state.queue is None:
+        return shardings
     return shardings.replace(queue=NamedSharding(mesh, P(None, data_axis)))
 
 
@@ -204,7 +212,7 @@ def init_state(
     """Initialises the train state from `config.seed`, placed on the mesh.
 
     The queue holds `swav.queue_length` embeddings in total (already validated to be a
-    multiple of the global batch), split evenly over the devices.
+    multiple of the global batch), split evenly over the devices; None without a queue.
     """
     init_rng, data_rng = jax.random.split(jax.random.key(config.seed))
     sizes = tuple(config.crops.size_crops)
@@ -212,10 +220,12 @@ def init_state(
     dummy = [jnp.zeros((n, 2, s, s, 3), jnp.float32) for n, s in zip(counts, sizes)]
     variables = jax.jit(functools.partial(model.init, train=True))(init_rng, dummy)
     params = normalize_prototypes(variables["params"])
-    queue = jnp.zeros(
-        (len(config.swav.crops_for_assign), int(config.swav.queue_length), int(config.model.proj_dim)),
-        jnp.float32,
-    )
+    queue = None
+    if int(config.swav.queue_length) > 0:
+        queue = jnp.zeros(
+            (len(config.swav.crops_for_assign), int(config.swav.queue_length), int(config.model.proj_dim)),
+            jnp.float32,
+        )
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
