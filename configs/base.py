@@ -68,6 +68,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.swav.epoch_queue_starts = 15
     c.swav.freeze_prototypes_niters = 313
 
+    # ExCB (SPEC §10; method = "excb"). Its backbone comes from c.model (arch, width,
+    # base_width, small_stem, dtype, sync_bn_group_size), its head from here. It trains
+    # with plain SGD: c.optim.base_lr / final_lr / start_warmup / warmup_epochs /
+    # scale_lr_with_batch give the LR, c.optim.momentum the momentum, c.optim.weight_decay
+    # the decay of every weight matrix and conv kernel (biases and BN parameters get
+    # none, as in the release); LARS keys are not read. Recipes: configs/excb_*.py.
+    c.excb = ml_collections.ConfigDict()
+    c.excb.num_clusters = 65536  # K centroids
+    c.excb.hidden_dim = 2048  # projection MLP hidden width
+    c.excb.hidden_layers = 2  # projection MLP hidden layers (the release's mlp_hidden_layers)
+    c.excb.proj_dim = 256  # projection / centroid dimension
+    c.excb.teacher_temperature = 0.04
+    c.excb.student_temperature = 0.1
+    c.excb.teacher_momentum = 0.996  # EMA teacher; cosine schedule up to 1 at the end of training
+    c.excb.tracker_momentum = 0.999  # cluster-size EMA m_s
+    c.excb.centroid_weight_decay = 1e-3  # centroids only; cosine schedule down to ...
+    c.excb.centroid_weight_decay_end = 1e-4  # ... this at the end of training
+
     # Optimisation (SPEC §5).
     c.optim = ml_collections.ConfigDict()
     c.optim.lars_mode = "swav"  # swav: the release's LARC over SGD | optax: optax.lars

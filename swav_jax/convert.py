@@ -418,7 +418,10 @@ def save_pretrained(directory: str, model: SwAVModel, variables: Mapping[str, An
 
 def load_variables(path: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} from a converted DIR, or from an orbax StandardSave holding
-    them at its top level (e.g. a training checkpoint's `checkpoints/<step>/state`)."""
+    them at its top level (e.g. a training checkpoint's `checkpoints/<step>/state`).
+
+    From an ExCB training state (it has 'teacher_params') these are the EMA teacher's, the
+    network ExCB evaluates."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -429,6 +432,8 @@ def load_variables(path: str) -> dict[str, Any]:
     restored = ocp.StandardCheckpointer().restore(path)
     if not isinstance(restored, Mapping) or "params" not in restored:
         raise ValueError(f"the checkpoint at {path} has no top-level 'params'")
+    if "teacher_params" in restored:
+        return {"params": restored["teacher_params"], "batch_stats": restored.get("teacher_batch_stats", {})}
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
 

@@ -1,8 +1,10 @@
-"""PNG plots of a run's metrics.jsonl (loss, LR, prototype usage, throughput, evaluations).
+"""PNG plots of a run's metrics.jsonl (loss, LR, prototype usage, ExCB's cluster balance,
+throughput, evaluations).
 
 metrics.jsonl holds one JSON object per line, each with an integer 'step' and metric keys
 such as 'train/loss', 'train/lr', 'train/empty_prototypes', 'train/assignment_entropy',
-'train/images_per_sec', 'eval/knn_top1', 'eval/linear_top1'. Reading is forgiving:
+'train/min_relative_size' (ExCB), 'train/images_per_sec', 'eval/knn_top1',
+'eval/linear_top1'. Reading is forgiving:
 blank, truncated or non-JSON lines (a run killed mid-write), lines without a numeric
 'step', and non-numeric or non-finite values (NaN, inf) are skipped. A step logged twice
 (a run resumed from an earlier checkpoint) keeps its last value. A figure is written only
@@ -27,6 +29,17 @@ _FIGURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "prototypes.png": (
         "Prototype usage",
         ("train/empty_prototypes", "train/assignment_entropy"),
+        True,
+    ),
+    "clusters.png": (
+        "Cluster balance (ExCB)",
+        (
+            "train/min_relative_size",
+            "train/max_relative_size",
+            "train/empty_clusters",
+            "train/teacher_confidence",
+            "train/view_agreement",
+        ),
         True,
     ),
     "throughput.png": ("Throughput", ("train/images_per_sec",), False),
@@ -75,7 +88,7 @@ def plot_metrics(metrics_jsonl_path: str | os.PathLike, out_dir: str | os.PathLi
     """Writes PNGs of the metrics in `metrics_jsonl_path` into `out_dir` (created).
 
     Returns:
-      The paths written, in the order loss, lr, prototypes, throughput, eval; figures
+      The paths written, in the order loss, lr, prototypes, clusters, throughput, eval; figures
       with none of their keys in the file are skipped.
     """
     if not os.path.isfile(metrics_jsonl_path):

@@ -1,4 +1,5 @@
-"""The SwAV training program: set-up, resume, the step loop, guards and checkpoints."""
+"""The training program (SwAV, or ExCB with `config.method = "excb"`): set-up, resume,
+the step loop, guards and checkpoints."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from jax.experimental import multihost_utils
 from swav_jax.data import pipeline
 from swav_jax.eval.run import knn_eval, random_init_variables
 from swav_jax.models import build_model, sync_bn_mesh_shape
-from swav_jax.train import optim
+from swav_jax.models.excb import build_excb_model
+from swav_jax.train import excb_optim, excb_step, optim
 from swav_jax.train.errors import NonFiniteLossError
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
 from swav_jax.train.metrics import MetricsWriter, Progress
@@ -67,9 +69,15 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _collapse_message(num_prototypes: int, steps: int) -> str:
-    return (
-        f"The loss has stayed within 1% of ln(K) = {math.log(num_prototypes):.3f} for {steps} steps: "
+def _collapse_message(method: str, num_prototypes: int, steps: int) -> str:
+    head = f"The loss has stayed within 1% of ln(K) = {math.log(num_prototypes):.3f} for {steps} steps: "
+    if method == "excb":
+        return head + (
+            "the student's predictions look uniform over the clusters. Usual remedies: a lower "
+            "learning rate, fewer clusters (excb.num_clusters), a faster-following teacher "
+            "(a smaller excb.teacher_momentum) on short runs."
+        )
+    return head + (
         "the assignments look collapsed (SPEC §9). Usual remedies: a smaller swav.epsilon "
         "(0.02-0.03 on small data sets), start the queue later or make it shorter "
         "(swav.epoch_queue_starts, swav.queue_length), freeze the prototypes longer "
@@ -77,7 +85,54 @@ def _collapse_message(num_prototypes: int, steps: int) -> str:
     )
 
 
+def _num_clusters(config: ml_collections.ConfigDict) -> int:
+    """K of the loss (the first prototype head for SwAV): ln(K) is the collapsed loss."""
+    if config.method == "excb":
+        return int(config.excb.num_clusters)
+    return int(config.model.num_prototypes[0])
+
+
+def _build_method(config, schedule, mesh, *, steps_per_epoch, total_steps, data_axis, bn_group_axis):
+    """(initial state, train step) of `config.method`: the one place the methods differ.
+
+    `config` is resolved and may be edited here (SwAV's effective queue length).
+    """
+    if config.method == "excb":
+        optimizer = excb_optim.make_excb_optimizer(
+            config.optim,
+            schedule,
+            excb_optim.centroid_weight_decay(
+                float(config.excb.centroid_weight_decay), float(config.excb.centroid_weight_decay_end), total_steps
+            ),
+        )
+        model = build_excb_model(config, bn_axis_name="bn")
+        state = excb_step.init_state(config, model.clone(bn_axis_name=None), optimizer, mesh)
+        train_step = excb_step.make_train_step(
+            config, model, optimizer, schedule, mesh,
+            total_steps=total_steps, data_axis=data_axis, bn_group_axis=bn_group_axis,
+        )
+        return state, train_step
+    optimizer = optim.make_optimizer(
+        config.optim,
+        schedule,
+        freeze_mask=optim.prototype_mask,
+        freeze_steps=int(config.swav.freeze_prototypes_niters),
+    )
+    with config.unlocked():
+        config.swav.queue_length = effective_queue_length(config)
+    model = build_model(config.model, bn_axis_name="bn")
+    state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
+    train_step = make_train_step(
+        config, model, optimizer, schedule, mesh,
+        steps_per_epoch=steps_per_epoch, data_axis=data_axis, bn_group_axis=bn_group_axis,
+    )
+    return state, train_step
+
+
 def _variables(state) -> dict:
+    """The network the evaluations see: the student for SwAV, the EMA teacher for ExCB."""
+    if isinstance(state, excb_step.ExCBTrainState):
+        return excb_step.teacher_variables(state)
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -88,7 +143,7 @@ def _log_eval(writer: MetricsWriter, step: int, results: dict, is_writer: bool) 
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None) -> dict:
-    """Trains SwAV as `config` says, checkpointing to and resuming from `workdir`.
+    """Trains SwAV (or ExCB) as `config` says, checkpointing to and resuming from `workdir`.
 
     Args:
       config: a config from `configs/` (see configs/base.py for every key).
@@ -113,24 +168,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     schedule = optim.lr_schedule(
         config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs), batch_size=int(config.batch_size)
     )
-    optimizer = optim.make_optimizer(
-        config.optim,
-        schedule,
-        freeze_mask=optim.prototype_mask,
-        freeze_steps=int(config.swav.freeze_prototypes_niters),
-    )
     config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.swav.queue_length = effective_queue_length(config)
-    model = build_model(config.model, bn_axis_name="bn")
-    state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
-    train_step = make_train_step(
+    state, train_step = _build_method(
         config,
-        model,
-        optimizer,
         schedule,
         mesh,
         steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
         data_axis=data_axis,
         bn_group_axis=bn_group_axis,
     )
@@ -146,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     images_per_step = int(config.batch_size)
     progress = Progress(total_steps, images_per_step, start)
     stop = _StopFlag()
-    num_prototypes = int(config.model.num_prototypes[0])
+    num_prototypes = _num_clusters(config)
     collapse_steps = 0
     collapse_warned = False
     last_metrics: dict = {}
@@ -190,9 +234,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                 else:
                     collapse_steps = 0
                 if collapse_steps >= int(config.collapse_warning_steps) and not collapse_warned:
-                    log.warning(_collapse_message(num_prototypes, collapse_steps))
+                    message = _collapse_message(config.method, num_prototypes, collapse_steps)
+                    log.warning(message)
                     if is_writer:
-                        print("WARNING: " + _collapse_message(num_prototypes, collapse_steps), flush=True)
+                        print("WARNING: " + message, flush=True)
                     collapse_warned = True
                 if need_log:
                     steps_per_sec, images_per_sec = progress.rate(step)

@@ -41,6 +41,50 @@ def _crop_keys(step_key: jax.Array, views: jax.Array, samples: jax.Array) -> jax
     return jax.vmap(per_view)(views)
 
 
+def augment_views(
+    rng: jax.Array,
+    step: jax.Array,
+    crops: tuple[jax.Array, ...],
+    augment_config: ml_collections.ConfigDict,
+    *,
+    dtype,
+    data_axis: str | tuple[str, ...],
+) -> list[jax.Array]:
+    """Device-side augmentation of this device's crops, inside the step's `shard_map`.
+
+    One key per crop of each sample, folded from (rng, step, crop index, the sample's
+    index in the global batch): the augmentation does not depend on how the batch is
+    split over devices.
+
+    Args:
+      rng: [2] uint32 raw key data (the state's `rng`).
+      step: [] int32, the state's step.
+      crops: one uint8 [num_crops_g, b, S_g, S_g, 3] array per resolution group (b the
+        local batch), crop-major over the groups.
+      augment_config: `config.augment`.
+      dtype: output dtype (the model's compute dtype).
+      data_axis: the mesh axis name(s) the batch is split over.
+
+    Returns:
+      One [num_crops_g, b, S_g, S_g, 3] `dtype` array per group, normalised.
+    """
+    local_batch = crops[0].shape[1]
+    first = jax.lax.axis_index(data_axis) * local_batch
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    images = []
+    view = 0
+    for group in crops:
+        n, b = group.shape[:2]
+        keys = _crop_keys(step_key, view + jnp.arange(n), first + jnp.arange(b)).reshape(n * b)
+        flat = group.reshape((n * b,) + group.shape[2:])
+        out = jax.vmap(
+            lambda key, image: augment.augment_crops(key, image[None], augment_config, dtype=dtype)[0]
+        )(keys, flat)
+        images.append(out.reshape((n, b) + out.shape[1:]))
+        view += n
+    return images
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model,
@@ -76,22 +120,10 @@ def make_train_step(
     aug_config = config.augment
 
     def local_step(state: TrainState, crops: tuple[jax.Array, ...]):
-        # One key per crop of each sample, from the sample's index in the global batch:
-        # the augmentation does not depend on how the batch is split over devices.
         local_batch = crops[0].shape[1]
-        first = jax.lax.axis_index(data_axis) * local_batch
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        images = []
-        view = 0
-        for group in crops:
-            n, b = group.shape[:2]
-            keys = _crop_keys(step_key, view + jnp.arange(n), first + jnp.arange(b)).reshape(n * b)
-            flat = group.reshape((n * b,) + group.shape[2:])
-            out = jax.vmap(
-                lambda key, image: augment.augment_crops(key, image[None], aug_config, dtype=compute_dtype)[0]
-            )(keys, flat)
-            images.append(out.reshape((n, b) + out.shape[1:]))
-            view += n
+        images = augment_views(
+            state.rng, state.step, crops, aug_config, dtype=compute_dtype, data_axis=data_axis
+        )
 
         # The release normalises the stored prototypes in place before the forward:
         # the normalised weights are the parameters from here on.

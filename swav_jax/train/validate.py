@@ -9,6 +9,9 @@ import ml_collections
 from swav_jax.train.errors import ConfigError
 
 
+_METHODS = ("swav", "excb")
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config.{key}: {message}")
@@ -48,8 +51,42 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
         _require(0 < lo <= hi <= 1, f"crops.min_scale_crops[{i}]",
                  f"scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
     num_views = sum(crops.num_crops)
-    _require(num_views >= 2, "crops.num_crops", f"SwAV needs at least 2 crops per image, got {num_views}")
+    _require(num_views >= 2, "crops.num_crops", f"needs at least 2 crops per image, got {num_views}")
 
+    model = config.model
+    _positive_int(model.width, "model.width")
+    _require(model.dtype in ("float32", "bfloat16"), "model.dtype",
+             f"must be float32 or bfloat16, got {model.dtype!r}")
+    group = model.sync_bn_group_size
+    _require(group == 0 or (group > 0 and num_devices % group == 0), "model.sync_bn_group_size",
+             f"must be 0 (all devices) or divide the {num_devices} devices, got {group}")
+
+    _require(config.method in _METHODS, "method", f"must be one of {_METHODS}, got {config.method!r}")
+    if config.method == "excb":
+        _validate_excb(config)
+    else:
+        _validate_swav(config)
+
+
+def _validate_excb(config: ml_collections.ConfigDict) -> None:
+    _require(config.crops.num_crops[0] >= 2, "crops.num_crops",
+             f"ExCB's teacher needs at least 2 global crops (the first group), got {config.crops.num_crops[0]}")
+    excb = config.excb
+    for key in ("num_clusters", "hidden_dim", "proj_dim"):
+        _positive_int(excb[key], f"excb.{key}")
+    _require(isinstance(excb.hidden_layers, int) and excb.hidden_layers >= 0, "excb.hidden_layers",
+             f"must be an integer >= 0, got {excb.hidden_layers!r}")
+    for key in ("teacher_temperature", "student_temperature"):
+        _require(excb[key] > 0, f"excb.{key}", f"must be > 0, got {excb[key]}")
+    for key in ("teacher_momentum", "tracker_momentum"):
+        _require(0 <= excb[key] <= 1, f"excb.{key}", f"must be in [0, 1], got {excb[key]}")
+    for key in ("centroid_weight_decay", "centroid_weight_decay_end"):
+        _require(excb[key] >= 0, f"excb.{key}", f"must be >= 0, got {excb[key]}")
+
+
+def _validate_swav(config: ml_collections.ConfigDict) -> None:
+    crops, batch = config.crops, config.batch_size
+    num_views = sum(crops.num_crops)
     swav = config.swav
     assign = tuple(swav.crops_for_assign)
     _require(len(assign) >= 1 and len(set(assign)) == len(assign), "swav.crops_for_assign",
@@ -81,12 +118,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
         _positive_int(k, f"model.num_prototypes[{i}]")
     _positive_int(model.proj_dim, "model.proj_dim")
     _require(model.hidden_dim >= 0, "model.hidden_dim", f"must be >= 0 (0: a single linear head), got {model.hidden_dim}")
-    _positive_int(model.width, "model.width")
-    _require(model.dtype in ("float32", "bfloat16"), "model.dtype",
-             f"must be float32 or bfloat16, got {model.dtype!r}")
-    group = model.sync_bn_group_size
-    _require(group == 0 or (group > 0 and num_devices % group == 0), "model.sync_bn_group_size",
-             f"must be 0 (all devices) or divide the {num_devices} devices, got {group}")
     smallest = max(model.num_prototypes)
     sinkhorn_samples = batch + effective_queue_length(config)
     if smallest > sinkhorn_samples:

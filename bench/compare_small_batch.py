@@ -1,0 +1,246 @@
+"""Small-batch side-by-side on the digits: SwAV without queue, SwAV with queue, ExCB.
+
+Same data (the 1,437 training digits, 32 px), backbone (the demo's narrow ResNet-18),
+crops (2 x 32 + 4 x 16), batch, number of clusters K (> batch) and number of steps for
+the three methods; each keeps its own recipe's head, optimiser and LR (configs/demo.py
+for SwAV, configs/excb_demo.py for ExCB). Then, for each trained network (SwAV's model,
+ExCB's EMA teacher):
+  - weighted kNN top-1 on the test split (swav_jax.eval.run.knn_eval, k = 20);
+  - cluster usage: every training image (evaluation transform) assigned to its
+    highest-scoring prototype / centroid (raw scores, no Sinkhorn, no balancing).
+
+Writes docs/COMPARISON.md (settings, command, machine, table) and
+docs/compare_small_batch_usage.png (sorted cluster sizes). Training resumes from
+--workdir, so a re-run only evaluates.
+
+    python bench/compare_small_batch.py --workdir /tmp/compare --epochs 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from configs import demo, excb_demo  # noqa: E402
+from swav_jax.data import sources  # noqa: E402
+from swav_jax.data.eval_batches import eval_batches  # noqa: E402
+from swav_jax.eval.run import knn_eval, load_variables, random_init_variables  # noqa: E402
+from swav_jax.models import SwAVModel, build_model, normalize_prototypes  # noqa: E402
+from swav_jax.models.excb import ExCBModel, build_excb_model  # noqa: E402
+from swav_jax.train.loop import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS = {"swav": "SwAV, no queue", "swav_queue": "SwAV + queue", "excb": "ExCB"}
+
+
+def configs(args) -> dict:
+    """The three configs: same data, backbone, crops, batch, K and steps."""
+    out = {}
+    for name in ("swav", "swav_queue", "excb"):
+        c = (excb_demo if name == "excb" else demo).get_config()
+        c.batch_size = args.batch
+        c.epochs = args.epochs
+        c.seed = args.seed
+        c.model.num_prototypes = (args.clusters,)
+        c.excb.num_clusters = args.clusters
+        c.eval.knn_at_end = False  # evaluated below, the same way for all three
+        c.eval.knn_random_init = False
+        c.log_every_steps = 20
+        c.checkpoint_every_steps = 200
+        c.collapse_warning_steps = 10**9  # collapse is one of the outcomes compared here
+        if name == "swav_queue":
+            c.swav.queue_length = args.queue_length
+            c.swav.epoch_queue_starts = args.queue_start_epoch
+        out[name] = c
+    return out
+
+
+def _swav_scores(model: SwAVModel, variables, images):
+    params = normalize_prototypes(variables["params"])
+    v = {"params": params, "batch_stats": variables["batch_stats"]}
+    features = model.apply(v, images, method=SwAVModel.features)
+    _, scores = model.apply(v, features, False, method=SwAVModel.head)
+    return scores[0]
+
+
+def _excb_scores(model: ExCBModel, variables, images):
+    return model.apply(variables, [images[None]], False, method=ExCBModel.teacher_similarities)[0]
+
+
+def cluster_counts(config, variables) -> np.ndarray:
+    """[K] number of training images whose highest score is each cluster (eval transform)."""
+    if config.method == "excb":
+        model, scores, k = build_excb_model(config), _excb_scores, int(config.excb.num_clusters)
+    else:
+        model, scores, k = build_model(config.model), _swav_scores, int(config.model.num_prototypes[0])
+    mean = np.asarray(config.augment.mean, np.float32)
+    std = np.asarray(config.augment.std, np.float32)
+    assign = jax.jit(lambda v, x: jnp.argmax(scores(model, v, x), axis=-1))
+    counts = np.zeros(k, np.int64)
+    source = sources.make_source(config.data, config.data.split)
+    for batch in eval_batches(source, size=int(config.crops.size_crops[0]), batch_size=256):
+        x = (batch["image"].astype(np.float32) / 255.0 - mean) / std
+        choice = np.asarray(assign(variables, jnp.asarray(x)))
+        counts += np.bincount(choice[batch["mask"]], minlength=k)
+    return counts
+
+
+def usage_stats(counts: np.ndarray) -> dict:
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {
+        "used": int(np.sum(counts > 0)),
+        "largest": 100.0 * float(p.max()),
+        "perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),  # effective number of clusters
+    }
+
+
+def plot_usage(all_counts: dict, path: str, k: int) -> None:
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, counts in all_counts.items():
+        p = np.sort(counts / counts.sum())[::-1]
+        ax.plot(np.arange(1, k + 1), np.maximum(p, 1e-5), label=LABELS[name], drawstyle="steps-mid")
+    ax.axhline(1.0 / k, color="grey", linestyle="--", linewidth=1, label=f"uniform (1/K = 1/{k})")
+    ax.set_yscale("log")
+    ax.set_ylim(5e-5, 1.0)
+    ax.set_xlabel("cluster rank (largest first)")
+    ax.set_ylabel("fraction of training images (floored at 1e-5)")
+    ax.set_title(f"Cluster usage after training, digits, K = {k}")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return (
+        f"{os.cpu_count()} CPU cores ({model}), {jax.devices()[0].platform} backend, "
+        f"{jax.device_count()} device(s); Python {platform.python_version()}, jax {jax.__version__}"
+    )
+
+
+def write_report(path, args, cfgs, results, timings, random_knn, load_range, command) -> None:
+    c = cfgs["excb"]
+    steps = args.epochs * (1437 // args.batch)
+    lines = [
+        "# Small-batch comparison: SwAV without queue, SwAV with queue, ExCB",
+        "",
+        "Written by `bench/compare_small_batch.py` (every number below is measured by that run).",
+        "",
+        f"Data: scikit-learn's digits, 1,437 training / 360 test images upscaled to 32 px. "
+        f"Backbone for all three: the demo's ResNet-18 (base width {c.model.base_width}, small stem). "
+        f"Crops: {c.crops.num_crops[0]} x {c.crops.size_crops[0]} px + {c.crops.num_crops[1]} x "
+        f"{c.crops.size_crops[1]} px. Batch {args.batch}, K = {args.clusters} clusters (K > batch), "
+        f"{args.epochs} epochs = {steps} steps each, seed {args.seed}.",
+        "",
+        "- **SwAV, no queue**: configs/demo.py (epsilon 0.02, LARS lr 0.3, prototypes frozen "
+        f"{cfgs['swav'].swav.freeze_prototypes_niters} steps): Sinkhorn balances {args.batch} samples "
+        f"over {args.clusters} prototypes.",
+        f"- **SwAV + queue**: the same with a queue of {args.queue_length} embeddings "
+        f"({args.queue_length // args.batch} batches) from epoch {args.queue_start_epoch}.",
+        "- **ExCB**: configs/excb_demo.py (SGD lr 0.15 x batch / 256, momentum 0.9, wd 1e-4, centroid "
+        f"wd 1e-3 -> 1e-4, teacher EMA {c.excb.teacher_momentum} -> 1, tracker momentum "
+        f"{c.excb.tracker_momentum}, temperatures {c.excb.teacher_temperature} / {c.excb.student_temperature}, "
+        f"head {c.excb.hidden_layers} x {c.excb.hidden_dim} -> {c.excb.proj_dim}). The evaluated "
+        "network is the EMA teacher.",
+        "",
+        "kNN: weighted 20-NN (temperature 0.07) on L2-normalised pooled backbone features, train "
+        "split as the bank, test split as queries. Cluster usage: each training image (resize + "
+        "centre crop) goes to its highest-scoring prototype / centroid, raw scores (no Sinkhorn, "
+        "no balancing); perplexity = exp(entropy) of the cluster sizes, the effective number of "
+        f"clusters (at most {args.clusters}).",
+        "",
+        "| method | kNN top-1 (%) | clusters used (of K) | largest cluster (% of images) | perplexity | final loss | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {LABELS[name]} | {r['knn']:.1f} | {r['used']} | {r['largest']:.1f} | {r['perplexity']:.1f} | "
+            f"{r['loss']:.3f} | {timings[name]} |"
+        )
+    lines += [
+        f"| random init (same backbone) | {random_knn:.1f} | | | | | |",
+        "",
+        "![cluster usage](compare_small_batch_usage.png)",
+        "",
+        "Command (from the repository root):",
+        "",
+        f"    {command}",
+        "",
+        f"Machine: {machine()}; shared with other jobs (load average {load_range} during the run). "
+        "Train time is wall-clock for the training program including compilation; it depends on "
+        "the load.",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--clusters", type=int, default=128)
+    parser.add_argument("--queue-length", type=int, default=384)
+    parser.add_argument("--queue-start-epoch", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    args = parser.parse_args()
+
+    cfgs = configs(args)
+    results, timings, all_counts, loads = {}, {}, {}, [os.getloadavg()[0]]
+    for name, config in cfgs.items():
+        workdir = os.path.join(args.workdir, name)
+        start = time.time()
+        last = train(config, workdir)
+        if last:  # empty when the run was already complete and only resumed
+            timings[name] = f"{(time.time() - start) / 60:.1f} min"
+        else:
+            timings[name] = "(earlier run)"
+        loads.append(os.getloadavg()[0])
+        variables, _ = load_variables(workdir)  # SwAV: the model; ExCB: the EMA teacher
+        knn = knn_eval(config, variables)["eval/knn_top1"]
+        counts = cluster_counts(config, variables)
+        all_counts[name] = counts
+        losses = _final_loss(workdir)
+        results[name] = {"knn": knn, "loss": losses, **usage_stats(counts)}
+        print(name, results[name], timings[name], flush=True)
+    random_knn = knn_eval(cfgs["swav"], random_init_variables(cfgs["swav"]))["eval/knn_top1"]
+    os.makedirs(args.out, exist_ok=True)
+    plot_usage(all_counts, os.path.join(args.out, "compare_small_batch_usage.png"), args.clusters)
+    command = "python bench/compare_small_batch.py " + " ".join(sys.argv[1:])
+    load_range = f"{min(loads):.1f}-{max(loads):.1f}"
+    write_report(os.path.join(args.out, "COMPARISON.md"), args, cfgs, results, timings, random_knn, load_range, command)
+    print("wrote", os.path.join(args.out, "COMPARISON.md"))
+
+
+def _final_loss(workdir: str) -> float:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r["train/loss"] for r in records if "train/loss" in r][-1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The ExCB demo: the SwAV demo's data, network and crops, at batch 32 with K = 128 > batch.
+
+1,437 training digits (8x8, upscaled to 32 px), the demo's narrow ResNet-18 with the
+small-image stem and its mild augmentation, 2 x 32 px + 4 x 16 px crops; ExCB's teacher
+sees the two 32 px crops. Short-run settings: the paper's tracker momentum 0.999
+averages over ~1,000 steps, longer than this whole run, so the tracker uses 0.99 and the
+teacher starts its EMA at 0.99 (the paper: 0.996 over 400 ImageNet epochs).
+
+    swav-jax train --config configs/excb_demo.py --workdir /tmp/excb-demo
+"""
+
+from configs import demo
+
+
+def get_config():
+    c = demo.get_config()
+    c.method = "excb"
+    c.batch_size = 32
+
+    c.excb.num_clusters = 128
+    c.excb.hidden_dim = 256
+    c.excb.hidden_layers = 2
+    c.excb.proj_dim = 64
+    c.excb.teacher_momentum = 0.99
+    c.excb.tracker_momentum = 0.99
+
+    c.optim.base_lr = 0.15  # per 256 images, as the paper
+    c.optim.final_lr = 0.15e-4
+    c.optim.start_warmup = 0.0
+    c.optim.warmup_epochs = 1
+    c.optim.scale_lr_with_batch = True
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 200
+    return c

@@ -1,0 +1,413 @@
+"""ExCB in the trainer: sharded step equals single device, EMA teacher, centroid gradient
+paths, tracker hard counts, optimiser and schedules against float64 NumPy references
+written from SPEC §10 / the release, and a resumable run through `train()`."""
+
+import functools
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import tiny_config
+from swav_jax.eval.plots import plot_metrics
+from swav_jax.eval.run import feature_fn, load_variables
+from swav_jax.models.excb import ExCBModel, build_excb_model
+from swav_jax.train import excb_optim, excb_step, optim
+from swav_jax.train.loop import make_mesh, train
+from swav_jax.train.step import augment_views
+from swav_jax.train.validate import ConfigError, validate_config
+
+TOTAL_STEPS = 10
+
+
+def _config():
+    c = tiny_config.get_config()
+    c.method = "excb"
+    c.excb.num_clusters = 12
+    c.excb.hidden_dim = 32
+    c.excb.hidden_layers = 2
+    c.excb.proj_dim = 16
+    c.excb.teacher_momentum = 0.9  # far from 1, so the EMA is visible in a few steps
+    c.excb.tracker_momentum = 0.5
+    c.optim.base_lr = 0.02  # small steps: sharded and single-device runs stay comparable
+    c.optim.final_lr = 0.0
+    c.optim.start_warmup = 0.0
+    c.optim.warmup_epochs = 0
+    c.optim.scale_lr_with_batch = False
+    c.optim.weight_decay = 1e-4
+    return c
+
+
+def _build(config, mesh, data_axis, bn_group_axis):
+    schedule = optim.lr_schedule(config.optim, steps_per_epoch=TOTAL_STEPS, epochs=1, batch_size=config.batch_size)
+    optimizer = excb_optim.make_excb_optimizer(
+        config.optim,
+        schedule,
+        excb_optim.centroid_weight_decay(
+            config.excb.centroid_weight_decay, config.excb.centroid_weight_decay_end, TOTAL_STEPS
+        ),
+    )
+    model = build_excb_model(config, bn_axis_name="bn")
+    state = excb_step.init_state(config, model.clone(bn_axis_name=None), optimizer, mesh)
+    step = excb_step.make_train_step(
+        config, model, optimizer, schedule, mesh,
+        total_steps=TOTAL_STEPS, data_axis=data_axis, bn_group_axis=bn_group_axis,
+    )
+    return state, step
+
+
+def _batches(config, num_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        [
+            rng.integers(0, 256, size=(n, config.batch_size, s, s, 3), dtype=np.uint8)
+            for n, s in zip(config.crops.num_crops, config.crops.size_crops)
+        ]
+        for _ in range(num_steps)
+    ]
+
+
+def _run(config, mesh, data_axis, bn_group_axis, batches):
+    """States before each step and after the last, and the metrics of each step (host)."""
+    state, step = _build(config, mesh, data_axis, bn_group_axis)
+    sharding = NamedSharding(mesh, P(None, data_axis))
+    states, history = [], []
+    for crops in batches:
+        states.append(jax.device_get(state))  # the step donates its input
+        state, metrics = step(state, {"crops": tuple(jax.device_put(c, sharding) for c in crops)})
+        history.append(jax.device_get(jax.block_until_ready(metrics)))
+    states.append(jax.device_get(state))
+    return states, history
+
+
+def _single_mesh():
+    return jax.make_mesh((1, 1), ("data", "bn"), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def single_run():
+    config = _config()
+    batches = _batches(config, 2)
+    states, history = _run(config, _single_mesh(), ("data", "bn"), None, batches)
+    return config, batches, states, history
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# ---- float64 references from SPEC §10 / the release ------------------------------------
+
+
+def balance_ref(z, sizes):
+    """SPEC §10: r_k = s_k K; r < 1: 1 - (1 - z) r; r > 1: (1 + z) / r - 1; else z."""
+    z = np.asarray(z, np.float64)
+    r = np.asarray(sizes, np.float64) / np.sum(sizes) * len(sizes)
+    return np.where(r < 1, 1 - (1 - z) * r, np.where(r > 1, (1 + z) / r - 1, z))
+
+
+def momentum_ref(base, step, total):
+    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * min(step, total) / total)) / 2.0
+
+
+def cosine_ref(start, end, step, total):
+    return end + (start - end) * (1.0 + math.cos(math.pi * min(step, total) / total)) / 2.0
+
+
+# ---- the step --------------------------------------------------------------------------
+
+
+def test_sharded_step_equals_single_device(single_run):
+    config, batches, single_states, single_history = single_run
+    mesh8, axes, groups = make_mesh(config)
+    assert mesh8.devices.size == 8
+    states, history = _run(config, mesh8, axes, groups, batches)
+    for a, b in zip(history, single_history):
+        assert set(a) == set(b)
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
+        for key in a:  # gradient norms and BN statistics sum in a different order
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    sharded, single = states[-1], single_states[-1]
+    # Plain SGD passes float32 summation-order noise of the gradients (~1e-7 relative)
+    # on at full size, and the second step's forward amplifies it: 3e-5 after 2 steps.
+    for field in ("params", "batch_stats", "teacher_params", "teacher_batch_stats"):
+        _assert_trees_close(getattr(sharded, field), getattr(single, field), rtol=1e-4, atol=3e-5)
+    np.testing.assert_allclose(sharded.cluster_sizes, single.cluster_sizes, atol=1e-7)
+    assert int(sharded.step) == 2
+
+
+def test_teacher_is_ema_of_student_with_scheduled_momentum(single_run):
+    config, _, states, history = single_run
+    init = states[0]
+    _assert_trees_close(init.teacher_params, init.params, rtol=0, atol=0)  # teacher starts as a copy
+    for s in range(2):
+        m = momentum_ref(config.excb.teacher_momentum, s, TOTAL_STEPS)
+        np.testing.assert_allclose(history[s]["train/teacher_momentum"], m, rtol=1e-6)
+        expected = jax.tree.map(
+            lambda t, p: m * np.float64(t) + (1 - m) * np.float64(p), states[s].teacher_params, states[s + 1].params
+        )
+        _assert_trees_close(states[s + 1].teacher_params, expected, rtol=1e-6, atol=1e-7)
+    # The student moved, and the teacher lags behind it.
+    moved = lambda a, b: max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert moved(states[2].params, init.params) > moved(states[2].teacher_params, init.params) > 0
+
+
+def _teacher_similarities(config, state, crops):
+    """Teacher scores of the step's augmented global crops, recomputed outside the step."""
+    dtype = jnp.dtype(config.model.dtype)
+    model = build_excb_model(config)
+
+    def local(rng, step, variables, *c):
+        images = augment_views(rng, step, c, config.augment, dtype=dtype, data_axis=("data", "bn"))
+        sims, _ = model.apply(
+            variables, images[:1], train=True, mutable=["batch_stats"], method=ExCBModel.teacher_similarities
+        )
+        return sims
+
+    fn = jax.jit(jax.shard_map(local, mesh=_single_mesh(), in_specs=P(), out_specs=P(), check_vma=False))
+    variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
+    return np.asarray(fn(state.rng, state.step, variables, *(jnp.asarray(c) for c in crops)), np.float64)
+
+
+def test_tracker_updates_with_hard_counts_of_balanced_teacher(single_run):
+    config, batches, states, _ = single_run
+    k, m_s = config.excb.num_clusters, config.excb.tracker_momentum
+    np.testing.assert_allclose(states[0].cluster_sizes, np.full(k, 1 / k), rtol=1e-7)
+    for s in range(2):
+        teacher = _teacher_similarities(config, states[s], batches[s])  # [G, B, K]
+        assert teacher.shape == (2, config.batch_size, k)
+        choice = np.argmax(balance_ref(teacher, states[s].cluster_sizes), axis=-1)
+        counts = np.bincount(choice.ravel(), minlength=k) / choice.size
+        expected = m_s * np.float64(states[s].cluster_sizes) + (1 - m_s) * counts
+        np.testing.assert_allclose(states[s + 1].cluster_sizes, expected, atol=1e-6)
+    assert not np.allclose(states[1].cluster_sizes, 1 / k)  # the second step balanced non-trivially
+
+
+def test_metrics_keys_and_ranges(single_run):
+    config, _, states, history = single_run
+    for m in history:
+        assert {
+            "train/loss", "train/lr", "train/grad_norm", "train/min_relative_size", "train/max_relative_size",
+            "train/teacher_confidence", "train/view_agreement", "train/empty_clusters", "train/teacher_momentum",
+        } <= set(m)
+        assert 0 < m["train/loss"] and np.isfinite(m["train/grad_norm"])
+        assert 1 / config.excb.num_clusters <= m["train/teacher_confidence"] <= 1
+        assert 0 <= m["train/view_agreement"] <= 1
+        assert 0 <= m["train/empty_clusters"] <= config.excb.num_clusters
+    np.testing.assert_allclose(history[0]["train/min_relative_size"], 1.0, rtol=1e-6)  # uniform at init
+    sizes = np.float64(states[1].cluster_sizes) * config.excb.num_clusters
+    np.testing.assert_allclose(history[1]["train/max_relative_size"], sizes.max(), rtol=1e-5)
+    np.testing.assert_allclose(history[1]["train/min_relative_size"], sizes.min(), rtol=1e-5)
+    np.testing.assert_allclose(history[1]["train/lr"], cosine_ref(0.02, 0.0, 1, TOTAL_STEPS), rtol=1e-5)
+
+
+# ---- the model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+    config = _config()
+    model = build_excb_model(config)
+    crops = [
+        jnp.asarray(np.random.default_rng(g).normal(size=(n, 4, s, s, 3)), jnp.float32)
+        for g, (n, s) in enumerate(zip(config.crops.num_crops, config.crops.size_crops))
+    ]
+    variables = jax.jit(functools.partial(model.init, train=True))(jax.random.key(0), crops)
+    return config, model, variables, crops
+
+
+def test_similarities_are_cosines_to_unit_centroids(model_and_variables):
+    config, model, variables, crops = model_and_variables
+    (sims, pred_sims), state = model.apply(
+        variables, crops, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    inter = state["intermediates"]
+    p = np.float64(inter["projection_out"]["__call__"][0])  # [V * B, D]
+    g = np.float64(inter["predictor"]["__call__"][0])
+    c = np.float64(variables["params"]["centroids"])
+    c = c / np.linalg.norm(c, axis=0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    v, b, k = sims.shape
+    assert (v, b, k) == (4, 4, config.excb.num_clusters) and sims.dtype == jnp.float32
+    np.testing.assert_allclose(sims, (unit(p) @ c).reshape(v, b, k), atol=1e-6)
+    np.testing.assert_allclose(pred_sims, (unit(g) @ c).reshape(v, b, k), atol=1e-6)
+    teacher = model.apply(variables, crops[:1], train=False, method=ExCBModel.teacher_similarities)
+    np.testing.assert_allclose(teacher, sims[:2], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(variables["params"]["centroids"], axis=0), 1.0, rtol=1e-6)
+
+
+def test_centroids_get_gradients_only_from_global_views_h_path(model_and_variables):
+    config, model, variables, crops = model_and_variables
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4, config.excb.num_clusters)), jnp.float32)
+
+    def grads(select):
+        def loss(params):
+            out, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, crops, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(select(out) * weights[: select(out).shape[0]])
+
+        return jax.grad(loss)(variables["params"])
+
+    norm = lambda tree: float(optax.tree.norm(tree))  # noqa: E731
+    global_h = grads(lambda out: out[0][:2])
+    local_h = grads(lambda out: out[0][2:])
+    predictor = grads(lambda out: out[1])
+    assert norm(global_h["centroids"]) > 0
+    np.testing.assert_array_equal(local_h["centroids"], 0.0)
+    np.testing.assert_array_equal(predictor["centroids"], 0.0)
+    # The stopped paths still train the rest of the network.
+    assert norm(local_h["projection_out"]) > 0 and norm(local_h["backbone"]) > 0
+    assert norm(predictor["predictor"]) > 0 and norm(predictor["projection_out"]) > 0
+    np.testing.assert_array_equal(global_h["predictor"]["kernel"], 0.0)
+
+
+# ---- optimiser and schedules -----------------------------------------------------------
+
+
+def test_schedules_match_reference():
+    momentum = excb_optim.teacher_momentum(0.996, 100)
+    decay = excb_optim.centroid_weight_decay(1e-3, 1e-4, 100)
+    for s in [0, 1, 37, 50, 99, 100, 150]:
+        np.testing.assert_allclose(momentum(s), momentum_ref(0.996, s, 100), rtol=1e-6)
+        np.testing.assert_allclose(decay(s), cosine_ref(1e-3, 1e-4, s, 100), rtol=1e-5)
+        # The release's 'wdx10c1': wd * (9 * cosine(1 -> 0) + 1) with wd = 1e-4.
+        np.testing.assert_allclose(decay(s), 1e-4 * (9 * cosine_ref(1, 0, s, 100) + 1), rtol=1e-5)
+    assert float(momentum(0)) == np.float32(0.996) and float(momentum(100)) == 1.0
+    with pytest.raises(ValueError, match="teacher_momentum"):
+        excb_optim.teacher_momentum(1.5, 10)
+    with pytest.raises(ValueError, match="centroid_weight_decay"):
+        excb_optim.centroid_weight_decay(-1.0, 1e-4, 10)
+
+
+def test_optimizer_is_torch_sgd_with_decay_groups():
+    config = _config()
+    rng = np.random.default_rng(2)
+    params = {
+        "backbone": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4))}, "bn": {"scale": rng.normal(size=4)}},
+        "projection_out": {"kernel": rng.normal(size=(4, 5)), "bias": rng.normal(size=5)},
+        "centroids": rng.normal(size=(5, 6)),
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    lr = lambda s: 0.1 + 0.05 * s  # noqa: E731
+    wd_c = lambda s: 1e-2 / (1 + s)  # noqa: E731
+    tx = excb_optim.make_excb_optimizer(config.optim, lr, wd_c)
+    state = tx.init(params)
+    ref = jax.tree.map(np.float64, params)
+    buf = jax.tree.map(np.zeros_like, ref)
+    current = params
+    for s in range(3):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        updates, state = tx.update(grads, state, current)
+        current = optax.apply_updates(current, updates)
+
+        # torch.optim.SGD(momentum=0.9, weight_decay=wd) per parameter group.
+        def sgd(path, w, g, b):
+            names = [getattr(k, "key", "") for k in path]
+            if names[0] == "centroids":
+                wd = wd_c(s)
+            elif w.ndim > 1:
+                wd = config.optim.weight_decay
+            else:
+                wd = 0.0
+            d = np.float64(g) + wd * w
+            b = config.optim.momentum * b + d
+            return w - lr(s) * b, b
+
+        out = jax.tree.map_with_path(sgd, ref, grads, buf)
+        ref = jax.tree.map(lambda o: o[0], out, is_leaf=lambda x: isinstance(x, tuple))
+        buf = jax.tree.map(lambda o: o[1], out, is_leaf=lambda x: isinstance(x, tuple))
+        _assert_trees_close(current, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- the training program --------------------------------------------------------------
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _saved_state(workdir, step):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_train_runs_logs_excb_metrics_and_resumes_bit_exact(tmp_path):
+    config = _config()
+    config.optim.warmup_epochs = 1
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    train(config, str(straight_dir), max_steps=4)  # checkpoints at steps 2 and 4
+    # Resume a second run from the straight run's step-2 checkpoint.
+    shutil.copytree(straight_dir / "checkpoints" / "2", resumed_dir / "checkpoints" / "2")
+    train(config, str(resumed_dir), max_steps=4)
+
+    straight = _metrics(straight_dir)
+    assert [m["step"] for m in straight] == [1, 2, 3, 4]
+    for m in straight:
+        for key in ("loss", "lr", "grad_norm", "min_relative_size", "max_relative_size",
+                    "teacher_confidence", "view_agreement", "empty_clusters"):
+            assert np.isfinite(m[f"train/{key}"]), key
+    resumed = _metrics(resumed_dir)
+    assert [m["step"] for m in resumed] == [3, 4]
+    for m, r in zip(straight[2:], resumed):
+        for key, value in m.items():
+            if key != "train/images_per_sec":
+                assert r[key] == value, (m["step"], key)
+
+    a, b = _saved_state(straight_dir, 4), _saved_state(resumed_dir, 4)
+    assert set(a) >= {"teacher_params", "teacher_batch_stats", "cluster_sizes", "opt_state"}
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(a["cluster_sizes"], 1 / config.excb.num_clusters)
+
+    # Evaluation reads the EMA teacher, and the SwAV feature code runs on its backbone.
+    variables, step = load_variables(str(straight_dir))
+    assert step == 4
+    for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(a["teacher_params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    written = [os.path.basename(p) for p in plot_metrics(straight_dir / "metrics.jsonl", tmp_path / "plots")]
+    assert written == ["loss.png", "lr.png", "clusters.png", "throughput.png"]
+
+    images = np.random.default_rng(3).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    features = feature_fn(config, variables)(jnp.asarray(images))
+    normalised = (images / 255.0 - np.asarray(config.augment.mean)) / np.asarray(config.augment.std)
+    expected = build_excb_model(config).apply(variables, jnp.asarray(normalised, jnp.float32), method=ExCBModel.features)
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("method", "dino", "config.method"),
+        ("crops.num_crops", (1, 3), "crops.num_crops"),
+        ("excb.num_clusters", 0, "excb.num_clusters"),
+        ("excb.hidden_layers", -1, "excb.hidden_layers"),
+        ("excb.teacher_temperature", 0.0, "excb.teacher_temperature"),
+        ("excb.tracker_momentum", 1.5, "excb.tracker_momentum"),
+        ("excb.centroid_weight_decay", -1e-3, "excb.centroid_weight_decay"),
+    ],
+)
+def test_config_validation_names_the_key(key, value, match):
+    config = _config()
+    section, _, name = key.rpartition(".")
+    target = config[section] if section else config
+    with config.unlocked():
+        target[name] = value
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config, num_devices=1, num_processes=1)
+
+
+def test_swav_checks_do_not_apply_to_excb():
+    config = _config()
+    config.swav.crops_for_assign = (5,)  # invalid for SwAV, not read by ExCB
+    validate_config(config, num_devices=8, num_processes=1)
