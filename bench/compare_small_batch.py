@@ -10,7 +10,7 @@ ExCB's EMA teacher):
     highest-scoring prototype / centroid (raw scores, no Sinkhorn, no balancing).
 
 Writes docs/COMPARISON.md (settings, command, machine, table) and
-docs/compare_small_batch_usage.png (sorted cluster sizes). Training resumes from
+docs/compare_small_batch_usage.png (training loss; sorted cluster sizes). Training resumes from
 --workdir, so a re-run only evaluates.
 
     python bench/compare_small_batch.py --workdir /tmp/compare --epochs 12
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -108,9 +109,18 @@ def usage_stats(counts: np.ndarray) -> dict:
     }
 
 
-def plot_usage(all_counts: dict, path: str, k: int) -> None:
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.add_subplot(1, 1, 1)
+def plot_usage(all_counts: dict, losses: dict, path: str, k: int) -> None:
+    """Training loss against ln K (left) and sorted cluster sizes after training (right)."""
+    fig = Figure(figsize=(13, 4.2))
+    ax = fig.add_subplot(1, 2, 1)
+    for name, (steps, values) in losses.items():
+        ax.plot(steps, values, label=LABELS[name])
+    ax.axhline(np.log(k), color="grey", linestyle="--", linewidth=1, label=f"ln K = {np.log(k):.3f} (uniform)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.legend(loc="upper right")
+    ax = fig.add_subplot(1, 2, 2)
     for name, counts in all_counts.items():
         p = np.sort(counts / counts.sum())[::-1]
         ax.plot(np.arange(1, k + 1), np.maximum(p, 1e-5), label=LABELS[name], drawstyle="steps-mid")
@@ -119,7 +129,7 @@ def plot_usage(all_counts: dict, path: str, k: int) -> None:
     ax.set_ylim(5e-5, 1.0)
     ax.set_xlabel("cluster rank (largest first)")
     ax.set_ylabel("fraction of training images")
-    ax.set_title(f"Cluster usage after training, digits, K = {k} (empty clusters: off the axis)")
+    ax.set_title(f"Cluster usage after training, K = {k}")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,7 +179,7 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
         "split as the bank, test split as queries. Cluster usage: each training image (resize + "
         "centre crop) goes to its highest-scoring prototype / centroid, raw scores (no Sinkhorn, "
         "no balancing); perplexity = exp(entropy) of the cluster sizes, the effective number of "
-        f"clusters (at most {args.clusters}).",
+        f"clusters (at most {args.clusters}). In the plot, empty clusters fall off the log axis.",
         "",
         "| method | kNN top-1 (%) | clusters used (of K) | largest cluster (% of images) | perplexity | final loss | train time |",
         "|---|---|---|---|---|---|---|",
@@ -179,8 +189,23 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
             f"| {LABELS[name]} | {r['knn']:.1f} | {r['used']} | {r['largest']:.1f} | {r['perplexity']:.1f} | "
             f"{r['loss']:.3f} | {timings[name]} |"
         )
+    ln_k = math.log(args.clusters)
+    near = [LABELS[n] for n, r in results.items() if abs(r["loss"] - ln_k) < 0.01 * ln_k]
+    below = [LABELS[n] for n, r in results.items() if r["knn"] < random_knn]
+    e = results["excb"]["excb"]
+    first, last = 0, -1
     lines += [
         f"| random init (same backbone) | {random_knn:.1f} | | | | | |",
+        "",
+        f"Final loss within 1% of ln K = {ln_k:.3f} (uniform predictions): {', '.join(near) or 'none'}. "
+        f"kNN below the randomly initialised backbone: {', '.join(below) or 'none'}.",
+        "",
+        "ExCB's monitoring (train/* in its metrics.jsonl, first and last logged step): teacher "
+        f"confidence {e['train/teacher_confidence'][first]:.3f} -> {e['train/teacher_confidence'][last]:.3f}, "
+        f"agreement of the two global views' teacher argmax {e['train/view_agreement'][first]:.3f} -> "
+        f"{e['train/view_agreement'][last]:.3f}, tracked relative cluster sizes "
+        f"{e['train/min_relative_size'][last]:.2f} (min) to {e['train/max_relative_size'][last]:.2f} (max) "
+        "at the end.",
         "",
         "![cluster usage](compare_small_batch_usage.png)",
         "",
@@ -188,7 +213,8 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
         "",
         f"    {command}",
         "",
-        f"Machine: {machine()}; shared with other jobs (load average {load_range} during the run). "
+        f"Machine: {machine()}; shared with other jobs (1-minute load average {load_range} at the "
+        "start and end of the training runs). "
         "Train time is wall-clock for the training program including compilation; it depends on "
         "the load.",
         "",
@@ -210,36 +236,50 @@ def main():
     args = parser.parse_args()
 
     cfgs = configs(args)
-    results, timings, all_counts, loads = {}, {}, {}, [os.getloadavg()[0]]
+    results, timings, all_counts, losses, loads = {}, {}, {}, {}, []
     for name, config in cfgs.items():
         workdir = os.path.join(args.workdir, name)
-        start = time.time()
-        last = train(config, workdir)
-        if last:  # empty when the run was already complete and only resumed
-            timings[name] = f"{(time.time() - start) / 60:.1f} min"
-        else:
-            timings[name] = "(earlier run)"
-        loads.append(os.getloadavg()[0])
+        timing = train_and_time(config, workdir)
+        timings[name] = f"{timing['minutes']:.1f} min"
+        loads += timing["load"]
         variables, _ = load_variables(workdir)  # SwAV: the model; ExCB: the EMA teacher
         knn = knn_eval(config, variables)["eval/knn_top1"]
         counts = cluster_counts(config, variables)
         all_counts[name] = counts
-        losses = _final_loss(workdir)
-        results[name] = {"knn": knn, "loss": losses, **usage_stats(counts)}
-        print(name, results[name], timings[name], flush=True)
+        metrics = train_metrics(workdir)
+        losses[name] = metrics["train/loss"]
+        results[name] = {"knn": knn, "loss": metrics["train/loss"][1][-1], **usage_stats(counts)}
+        if name == "excb":
+            results[name]["excb"] = {k: v[1] for k, v in metrics.items()}
+        print(name, {k: v for k, v in results[name].items() if k != "excb"}, timings[name], flush=True)
     random_knn = knn_eval(cfgs["swav"], random_init_variables(cfgs["swav"]))["eval/knn_top1"]
     os.makedirs(args.out, exist_ok=True)
-    plot_usage(all_counts, os.path.join(args.out, "compare_small_batch_usage.png"), args.clusters)
+    plot_usage(all_counts, losses, os.path.join(args.out, "compare_small_batch_usage.png"), args.clusters)
     command = "python bench/compare_small_batch.py " + " ".join(sys.argv[1:])
     load_range = f"{min(loads):.1f}-{max(loads):.1f}"
     write_report(os.path.join(args.out, "COMPARISON.md"), args, cfgs, results, timings, random_knn, load_range, command)
     print("wrote", os.path.join(args.out, "COMPARISON.md"))
 
 
-def _final_loss(workdir: str) -> float:
+def train_metrics(workdir: str) -> dict:
+    """{key: (steps, values)} of the run's train/* metrics."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    return [r["train/loss"] for r in records if "train/loss" in r][-1]
+    keys = sorted({k for r in records for k in r if k.startswith("train/")})
+    return {k: ([r["step"] for r in records if k in r], [r[k] for r in records if k in r]) for k in keys}
+
+
+def train_and_time(config, workdir: str) -> dict:
+    """Trains (or finds the finished run); returns {'minutes': wall time, 'load': [1-minute
+    load average before, after]}, kept in workdir/train_time.json so that a re-run that
+    only evaluates still reports them."""
+    path = os.path.join(workdir, "train_time.json")
+    start, load = time.time(), os.getloadavg()[0]
+    if train(config, workdir):  # empty when the run was already complete
+        with open(path, "w") as f:
+            json.dump({"minutes": (time.time() - start) / 60, "load": [load, os.getloadavg()[0]]}, f)
+    with open(path) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -69,13 +69,12 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _collapse_message(method: str, num_prototypes: int, steps: int) -> str:
-    head = f"The loss has stayed within 1% of ln(K) = {math.log(num_prototypes):.3f} for {steps} steps: "
+def _collapse_message(method: str, num_clusters: int, steps: int) -> str:
+    head = f"The loss has stayed within 1% of ln(K) = {math.log(num_clusters):.3f} for {steps} steps: "
     if method == "excb":
         return head + (
-            "the student's predictions look uniform over the clusters. Usual remedies: a lower "
-            "learning rate, fewer clusters (excb.num_clusters), a faster-following teacher "
-            "(a smaller excb.teacher_momentum) on short runs."
+            "the student's predictions look uniform over the clusters. Try a lower learning "
+            "rate or fewer clusters (excb.num_clusters)."
         )
     return head + (
         "the assignments look collapsed (SPEC §9). Usual remedies: a smaller swav.epsilon "
@@ -190,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     images_per_step = int(config.batch_size)
     progress = Progress(total_steps, images_per_step, start)
     stop = _StopFlag()
-    num_prototypes = _num_clusters(config)
+    num_clusters = _num_clusters(config)
     collapse_steps = 0
     collapse_warned = False
     last_metrics: dict = {}
@@ -229,12 +228,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                         "overflow (SPEC §9)."
                     )
                 # The collapse watch samples the logged steps.
-                if abs(host["train/loss"] - math.log(num_prototypes)) < 0.01 * math.log(num_prototypes):
+                if abs(host["train/loss"] - math.log(num_clusters)) < 0.01 * math.log(num_clusters):
                     collapse_steps += log_every
                 else:
                     collapse_steps = 0
                 if collapse_steps >= int(config.collapse_warning_steps) and not collapse_warned:
-                    message = _collapse_message(config.method, num_prototypes, collapse_steps)
+                    message = _collapse_message(config.method, num_clusters, collapse_steps)
                     log.warning(message)
                     if is_writer:
                         print("WARNING: " + message, flush=True)
