@@ -168,6 +168,20 @@ def test_multiprocess_equals_single_process(tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+def test_cli_training_across_two_processes_checkpoints_and_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [
+        "bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "-m", "swav_jax", "train",
+        "--config", "tests/tiny_config.py", "--workdir", str(tmp_path), "--max-steps",
+    ]
+    subprocess.run(cmd + ["2"], cwd=ROOT, check=True, timeout=300, env=env)
+    assert load_variables(str(tmp_path))[1] == 2
+    out = subprocess.run(cmd + ["3"], cwd=ROOT, check=True, timeout=300, env=env, capture_output=True, text=True)
+    assert "starting at step 2" in out.stdout
+    assert load_variables(str(tmp_path))[1] == 3
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+
+
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
