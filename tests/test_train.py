@@ -191,7 +191,6 @@ def test_loss_decreases_on_a_short_run(tmp_path):
     config = tiny_config.get_config()
     config.epochs = 6
     config.batch_size = 32
-    config.optim.base_lr = 0.5
     config.checkpoint_every_steps = 1000
     train(config, str(tmp_path))
     losses = [m["train/loss"] for m in _metrics(tmp_path)]
