@@ -33,7 +33,7 @@ keeps up when e2e img/s is close to the synthetic img/s.
 
 CPU smoke run (tiny everything, 8 host devices):
     python bench/train_step.py --arch resnet18 --base-width 8 --small-stem --hidden-dim 32 \\
-        --prototypes 30 --crops 2x32+4x16 --batch 8 --steps 5 --devices 8 --e2e --canvas 64
+        --prototypes 30 --crops 2x32+4x16 --batch 8 --steps 5 --devices 8 --e2e --canvas 64 --workers 0
 """
 
 from __future__ import annotations
