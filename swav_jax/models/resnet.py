@@ -69,7 +69,7 @@ def _save_batch_statistics(prim, *_, **__) -> bool:
 # float32 copies of its input as autodiff residuals (the input promoted for the
 # statistics, and input - mean), 8 bytes per element for a bf16 activation of 2 bytes:
 # for ResNet-50 with 2 x 224 + 6 x 96 crops at batch 64 that is 17.7 of the 27.4 GB of
-# residuals (docs/BENCHMARKS_perf.md). Same arithmetic, same variables.
+# residuals (docs/BENCHMARKS.md). Same arithmetic, same variables.
 RecomputedBatchNorm = nn.remat(nn.BatchNorm, policy=_save_batch_statistics)
 
 
