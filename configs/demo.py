@@ -51,7 +51,7 @@ def get_config():
     c.swav.freeze_prototypes_niters = 20
 
     c.optim.base_lr = 1.5
-    c.optim.final_lr = 0.0015
+    c.optim.final_lr = 0.0003
     c.optim.start_warmup = 0.0
     c.optim.warmup_epochs = 1
 
