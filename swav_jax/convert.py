@@ -416,9 +416,23 @@ def save_pretrained(directory: str, model: SwAVModel, variables: Mapping[str, An
         json.dump(config, f, indent=2)
 
 
+def _host_target(metadata: Any) -> Any:
+    """Restore target for a saved tree: every array on this process's first device, so a
+    checkpoint written on any device topology (other processes, other meshes) loads."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(metadata, Mapping):
+        return {k: _host_target(v) for k, v in metadata.items()}
+    if isinstance(metadata, (list, tuple)):
+        return type(metadata)(_host_target(v) for v in metadata)
+    if metadata is None:
+        return None
+    return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype, sharding=device)
+
+
 def load_variables(path: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} from a converted DIR, or from an orbax StandardSave holding
-    them at its top level (e.g. a training checkpoint's `checkpoints/<step>/state`).
+    them at its top level (e.g. a training checkpoint's `checkpoints/<step>/state`), saved
+    on any device topology.
 
     From an ExCB training state (it has 'teacher_params') these are the EMA teacher's, the
     network ExCB evaluates."""
@@ -429,9 +443,11 @@ def load_variables(path: str) -> dict[str, Any]:
         path = os.path.join(path, "variables")
     if not os.path.isdir(path):
         raise ValueError(f"no orbax checkpoint at {path}")
-    restored = ocp.StandardCheckpointer().restore(path)
-    if not isinstance(restored, Mapping) or "params" not in restored:
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(path).item_metadata.tree
+    if not isinstance(saved, Mapping) or "params" not in saved:
         raise ValueError(f"the checkpoint at {path} has no top-level 'params'")
+    restored = checkpointer.restore(path, _host_target(saved))
     if "teacher_params" in restored:
         return {"params": restored["teacher_params"], "batch_stats": restored.get("teacher_batch_stats", {})}
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -93,10 +93,11 @@ def _num_classes(*label_arrays: np.ndarray) -> int:
     return int(max(int(np.max(a)) for a in label_arrays)) + 1
 
 
-def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, prefix: str = "eval/knn") -> dict:
+def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, suffix: str = "") -> dict:
     """Weighted kNN (k = config.eval.knn_k, T = config.eval.knn_temperature) on the train
     split as the bank and `data.eval_split` as queries. Returns {'eval/knn_top1': %, ...};
-    the first k gives the unsuffixed keys, others e.g. 'eval/knn_top1@200'."""
+    the first k gives the plain keys, others e.g. 'eval/knn_top1@200'; `suffix` is
+    appended to every key (e.g. '_random_init')."""
     mesh = _eval_mesh()
     train_x, train_y = extract_split(config, variables, config.data.split, mesh)
     test_x, test_y = extract_split(config, variables, config.data.eval_split, mesh)
@@ -110,9 +111,9 @@ def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, pr
     )
     out = {}
     for i, k in enumerate(ks):
-        suffix = "" if i == 0 else f"@{k}"
-        out[f"{prefix}_top1{suffix}"] = result[k]["top1"]
-        out[f"{prefix}_top5{suffix}"] = result[k]["top5"]
+        at = "" if i == 0 else f"@{k}"
+        out[f"eval/knn_top1{at}{suffix}"] = result[k]["top1"]
+        out[f"eval/knn_top5{at}{suffix}"] = result[k]["top5"]
     return out
 
 

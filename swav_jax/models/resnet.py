@@ -58,14 +58,32 @@ ARCHS: dict[str, tuple[tuple[int, ...], str]] = {
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
+def _save_batch_statistics(prim, *_, **__) -> bool:
+    """Remat policy of `RecomputedBatchNorm`: keep the reductions (per-channel sums and
+    their cross-device sums), recompute everything elementwise."""
+    return prim.name in ("reduce_sum", "psum", "psum_invariant")
+
+
+# BatchNorm whose backward pass recomputes the normalisation from the layer's input and
+# the saved per-channel statistics, as cuDNN's does. Plain `nn.BatchNorm` leaves two
+# float32 copies of its input as autodiff residuals (the input promoted for the
+# statistics, and input - mean), 8 bytes per element for a bf16 activation of 2 bytes:
+# for ResNet-50 with 2 x 224 + 6 x 96 crops at batch 64 that is 17.7 of the 27.4 GB of
+# residuals (docs/BENCHMARKS.md). Same arithmetic, same variables.
+RecomputedBatchNorm = nn.remat(nn.BatchNorm, policy=_save_batch_statistics)
+
+
 def batch_norm(
-    dtype: Any, bn_axis_name: str | tuple[str, ...] | None, **kwargs: Any
-) -> nn.BatchNorm:
+    dtype: Any, bn_axis_name: str | tuple[str, ...] | None, *, recompute: bool = False, **kwargs: Any
+) -> nn.Module:
     """The BatchNorm used everywhere in the model: gamma 1, beta 0, float32 params/stats.
 
-    `kwargs` go to `nn.BatchNorm` (name, use_running_average).
+    `kwargs` go to `nn.BatchNorm` (name, use_running_average). With `recompute`, a
+    `RecomputedBatchNorm`; then `use_running_average` must be given here, not at call
+    time (call arguments of a rematerialised module are traced).
     """
-    return nn.BatchNorm(
+    module = RecomputedBatchNorm if recompute else nn.BatchNorm
+    return module(
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         dtype=dtype,
@@ -170,7 +188,7 @@ class ResNet(nn.Module):
             kernel_init=conv_kernel_init,
         )
         norm = functools.partial(
-            batch_norm, self.dtype, self.bn_axis_name, use_running_average=not train
+            batch_norm, self.dtype, self.bn_axis_name, recompute=True, use_running_average=not train
         )
         stem_width = self.base_width * self.width
         if self.small_stem:

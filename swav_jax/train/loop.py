@@ -227,18 +227,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                         "a batch much smaller than the number of prototypes without a queue, fp16 "
                         "overflow (SPEC §9)."
                     )
-                # The collapse watch samples the logged steps.
-                if abs(host["train/loss"] - math.log(num_clusters)) < 0.01 * math.log(num_clusters):
-                    collapse_steps += log_every
-                else:
-                    collapse_steps = 0
-                if collapse_steps >= int(config.collapse_warning_steps) and not collapse_warned:
-                    message = _collapse_message(config.method, num_clusters, collapse_steps)
-                    log.warning(message)
-                    if is_writer:
-                        print("WARNING: " + message, flush=True)
-                    collapse_warned = True
                 if need_log:
+                    # The collapse watch samples the logged steps.
+                    near_log_k = abs(host["train/loss"] - math.log(num_clusters)) < 0.01 * math.log(num_clusters)
+                    collapse_steps = collapse_steps + log_every if near_log_k else 0
+                    if collapse_steps >= int(config.collapse_warning_steps) and not collapse_warned:
+                        message = _collapse_message(config.method, num_clusters, collapse_steps)
+                        log.warning(message)
+                        if is_writer:
+                            print("WARNING: " + message, flush=True)
+                        collapse_warned = True
                     steps_per_sec, images_per_sec = progress.rate(step)
                     host["train/images_per_sec"] = images_per_sec
                     host["train/epoch"] = step / steps_per_epoch
@@ -260,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
             if step == total_steps and config.eval.knn_at_end:
                 results = knn_eval(config, _variables(state))
                 if config.eval.knn_random_init:
-                    results.update(knn_eval(config, random_init_variables(config), prefix="eval/knn_random_init"))
+                    results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
                 _log_eval(writer, step, results, is_writer)
                 last_metrics.update(results)
     finally:
