@@ -61,3 +61,21 @@ def test_missing_keys_skip_figures_and_resumed_steps_keep_the_last_value(tmp_pat
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="metrics_jsonl_path"):
         plot_metrics(tmp_path / "nope.jsonl", tmp_path)
+
+
+def test_random_init_baseline_is_a_level_line(tmp_path):
+    from matplotlib.figure import Figure
+
+    from swav_jax.eval.plots import _draw
+
+    series = {
+        "eval/knn_top1": ([100, 200], [70.0, 90.0]),
+        "eval/knn_top1_random_init": ([200], [80.0]),
+    }
+    ax = Figure().subplots()
+    _draw(ax, series, list(series))
+    curve, baseline = ax.lines
+    assert list(curve.get_ydata()) == [70.0, 90.0]
+    # Spans the whole x range (axes coordinates 0..1) at the baseline's value.
+    assert list(baseline.get_xdata()) == [0, 1] and list(baseline.get_ydata()) == [80.0, 80.0]
+    assert baseline.get_linestyle() == "--"

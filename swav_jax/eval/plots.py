@@ -46,6 +46,9 @@ _FIGURES: dict[str, tuple[str, tuple[str, ...], bool]] = {
 }
 
 
+RANDOM_INIT_SUFFIX = "_random_init"
+
+
 def read_metrics(path: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
     """metrics.jsonl -> {key: (steps, values)}, steps increasing, one value per step."""
     series: dict[str, dict[int, float]] = {}
@@ -76,9 +79,13 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[list[int], list[flo
 
 
 def _draw(ax, series, keys: Sequence[str]) -> None:
-    for key in keys:
+    for i, key in enumerate(keys):
         steps, values = series[key]
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        if key.endswith(RANDOM_INIT_SUFFIX):
+            # A baseline measured once (at the end): a level to compare the curves with.
+            ax.axhline(values[-1], linestyle="--", linewidth=1, color=f"C{i}", label=key)
+            continue
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, color=f"C{i}", label=key)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
