@@ -59,6 +59,7 @@ def configs(args) -> dict:
         c.excb.num_clusters = args.clusters
         c.eval.knn_at_end = False  # evaluated below, the same way for all three
         c.eval.knn_random_init = False
+        c.eval.knn_every_epochs = 0
         c.log_every_steps = 20
         c.checkpoint_every_steps = 200
         c.collapse_warning_steps = 10**9  # collapse is one of the outcomes compared here
@@ -151,26 +152,28 @@ def machine() -> str:
 
 
 def write_report(path, args, cfgs, results, timings, random_knn, load_range, command) -> None:
-    c = cfgs["excb"]
+    c, sw = cfgs["excb"], cfgs["swav"]
     steps = args.epochs * (1437 // args.batch)
     lines = [
         "# Small-batch comparison: SwAV without queue, SwAV with queue, ExCB",
         "",
         "Written by `bench/compare_small_batch.py` (every number below is measured by that run).",
         "",
-        f"Data: scikit-learn's digits, 1,437 training / 360 test images upscaled to 32 px. "
+        f"Data: scikit-learn's digits, 1,437 training / 360 test images upscaled to {c.data.image_size} px. "
         f"Backbone for all three: the demo's ResNet-18 (base width {c.model.base_width}, small stem). "
         f"Crops: {c.crops.num_crops[0]} x {c.crops.size_crops[0]} px + {c.crops.num_crops[1]} x "
         f"{c.crops.size_crops[1]} px. Batch {args.batch}, K = {args.clusters} clusters (K > batch), "
         f"{args.epochs} epochs = {steps} steps each, seed {args.seed}.",
         "",
-        "- **SwAV, no queue**: configs/demo.py (epsilon 0.02, LARS lr 0.3, prototypes frozen "
-        f"{cfgs['swav'].swav.freeze_prototypes_niters} steps): Sinkhorn balances {args.batch} samples "
+        f"- **SwAV, no queue**: configs/demo.py (epsilon {sw.swav.epsilon}, LARS lr {sw.optim.base_lr}, "
+        f"prototypes frozen {sw.swav.freeze_prototypes_niters} steps): Sinkhorn balances {args.batch} samples "
         f"over {args.clusters} prototypes.",
         f"- **SwAV + queue**: the same with a queue of {args.queue_length} embeddings "
         f"({args.queue_length // args.batch} batches) from epoch {args.queue_start_epoch}.",
-        "- **ExCB**: configs/excb_demo.py (SGD lr 0.15 x batch / 256, momentum 0.9, wd 1e-4, centroid "
-        f"wd 1e-3 -> 1e-4, teacher EMA {c.excb.teacher_momentum} -> 1, tracker momentum "
+        f"- **ExCB**: configs/excb_demo.py (SGD lr {c.optim.base_lr} x batch / 256, momentum "
+        f"{c.optim.momentum}, wd {c.optim.weight_decay}, centroid wd {c.excb.centroid_weight_decay} -> "
+        f"{c.excb.centroid_weight_decay_end}, centroids initialised by spherical k-means of the "
+        f"teacher's projections of the training images, teacher EMA {c.excb.teacher_momentum} -> 1, tracker momentum "
         f"{c.excb.tracker_momentum}, temperatures {c.excb.teacher_temperature} / {c.excb.student_temperature}, "
         f"head {c.excb.hidden_layers} x {c.excb.hidden_dim} -> {c.excb.proj_dim}). The evaluated "
         "network is the EMA teacher.",

@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.excb.tracker_momentum = 0.999  # cluster-size EMA m_s
     c.excb.centroid_weight_decay = 1e-3  # centroids only; cosine schedule down to ...
     c.excb.centroid_weight_decay_end = 1e-4  # ... this at the end of training
+    # Centroids start as spherical k-means of the teacher's projections of this many training
+    # images (the release's clustering_samples); 0: random unit vectors.
+    c.excb.init_samples = 500000
 
     # Optimisation (SPEC §5).
     c.optim = ml_collections.ConfigDict()

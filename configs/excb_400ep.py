@@ -10,8 +10,9 @@ EMA teacher 0.996 -> 1; temperatures 0.04 / 0.1; tracker momentum 0.999; sync-BN
 GPUs. Differences kept here: the crops use this package's SwAV augmentation (SPEC §7)
 with fixed scales (0.14, 1) / (0.05, 0.14), where the release uses a BYOL-style pipeline
 (colour jitter strength 0.5, asymmetric blur and solarisation, bicubic resizing, the
-global crops' minimum scale annealed 0.26 -> 0.14); the release initialises the
-centroids by k-means on teacher projections, here they start as random unit vectors; the
+global crops' minimum scale annealed 0.26 -> 0.14); the k-means centroid initialisation
+(500,000 images, as the release) clusters centre crops, not augmented views
+(swav_jax/train/excb_centroids.py); the
 predictor is one Linear layer (SPEC §10; the release uses a 2-layer MLP with BN).
 """
 

@@ -20,7 +20,7 @@ import tiny_config
 from swav_jax.eval.plots import plot_metrics
 from swav_jax.eval.run import feature_fn, load_variables
 from swav_jax.models.excb import ExCBModel, build_excb_model
-from swav_jax.train import excb_optim, excb_step, optim
+from swav_jax.train import excb_centroids, excb_optim, excb_step, optim
 from swav_jax.train.loop import make_mesh, train
 from swav_jax.train.step import augment_views
 from swav_jax.train.validate import ConfigError, validate_config
@@ -395,6 +395,7 @@ def test_train_runs_logs_excb_metrics_and_resumes_bit_exact(tmp_path):
         ("excb.teacher_temperature", 0.0, "excb.teacher_temperature"),
         ("excb.tracker_momentum", 1.5, "excb.tracker_momentum"),
         ("excb.centroid_weight_decay", -1e-3, "excb.centroid_weight_decay"),
+        ("excb.init_samples", 11, "excb.init_samples"),  # fewer than the 12 centroids
     ],
 )
 def test_config_validation_names_the_key(key, value, match):
@@ -411,3 +412,82 @@ def test_swav_checks_do_not_apply_to_excb():
     config = _config()
     config.swav.crops_for_assign = (5,)  # invalid for SwAV, not read by ExCB
     validate_config(config, num_devices=8, num_processes=1)
+
+
+# ---- centroid initialisation (the release's k-means) -----------------------------------
+
+
+def kmeans_ref(x, first_rows, num_iters):
+    """Spherical Lloyd iterations in float64: argmax cosine, normalised member means,
+    an empty cluster keeps its centroid (the release's get_centroids)."""
+    x = np.asarray(x, np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = x[first_rows]
+    for _ in range(num_iters):
+        labels = np.argmax(x @ c.T, axis=1)
+        for k in range(len(c)):
+            members = x[labels == k]
+            if len(members):
+                c[k] = members.sum(0) / np.linalg.norm(members.sum(0))
+    return c, np.bincount(np.argmax(x @ c.T, axis=1), minlength=len(c))
+
+
+def test_spherical_kmeans_matches_float64_lloyd_and_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(5, 8))
+    x = np.concatenate([d + 0.1 * rng.normal(size=(40, 8)) for d in directions]).astype(np.float32)
+    # A key whose initial rows fall one in each cluster (most keys put two in one).
+    key = next(
+        k for k in map(jax.random.key, range(100))
+        if len({int(i) // 40 for i in jax.random.permutation(k, len(x))[:5]}) == 5
+    )
+    first = np.asarray(jax.random.permutation(key, len(x))[:5])
+    for iters in (0, 1, 3, 50):
+        centroids, sizes = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=5, num_iters=iters)
+        ref_c, ref_sizes = kmeans_ref(x, first, iters)
+        np.testing.assert_allclose(np.asarray(centroids), ref_c, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(sizes), ref_sizes)
+    # Five tight, well separated clusters, one initial row in each: five clusters of 40.
+    assert sorted(np.asarray(sizes).tolist()) == [40] * 5
+    with pytest.raises(ValueError, match="num_clusters"):
+        excb_centroids.spherical_kmeans(jnp.asarray(x[:4]), key, num_clusters=5)
+
+
+def test_chunked_assignment_equals_one_shot(monkeypatch):
+    x = np.random.default_rng(1).normal(size=(37, 6)).astype(np.float32)
+    key = jax.random.key(0)
+    whole = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
+    monkeypatch.setattr(excb_centroids, "_SCORE_ELEMENTS", 4 * 5)  # chunks of 5 rows, 37 = 7 x 5 + 2
+    excb_centroids.spherical_kmeans.clear_cache()
+    chunked = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
+    excb_centroids.spherical_kmeans.clear_cache()
+    np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(whole[0]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(whole[1]))
+
+
+def test_init_centroids_clusters_the_teacher_projections():
+    config = _config()
+    mesh = _single_mesh()
+    state, _ = _build(config, mesh, ("data", "bn"), None)
+    model = build_excb_model(config)
+    new = excb_centroids.init_centroids(config, model, state)
+    student, teacher = np.asarray(new.params["centroids"]), np.asarray(new.teacher_params["centroids"])
+    np.testing.assert_array_equal(student, teacher)
+    assert new.params["centroids"] is not new.teacher_params["centroids"]  # donated separately
+    assert student.shape == (config.excb.proj_dim, config.excb.num_clusters)
+    np.testing.assert_allclose(np.linalg.norm(student, axis=0), 1.0, atol=1e-5)
+    assert not np.allclose(student, np.asarray(state.params["centroids"]))
+    # The centroids are the k-means of the teacher's projections of the training images:
+    # at convergence each is the normalised mean of the projections closest to it.
+    variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
+    x = excb_centroids.teacher_projections(config, model, variables, config.excb.init_samples)
+    assert x.shape == (1437, config.excb.proj_dim)  # the whole digits training split
+    labels = np.argmax(x @ student, axis=1)
+    for k in np.unique(labels):
+        mean = x[labels == k].sum(0)
+        np.testing.assert_allclose(student[:, k], mean / np.linalg.norm(mean), atol=1e-4)
+    # Everything else is untouched.
+    for name in state.params:
+        if name != "centroids":
+            for a, b in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(new.params[name])):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

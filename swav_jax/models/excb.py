@@ -25,8 +25,9 @@ stored vectors through the normalisation and weight decay acts on the stored vec
 Gradients reach the centroids only through the h path of the *global* views (the crops
 of the first resolution group); the local crops' h path and the whole predictor path
 see them through `stop_gradient` (the release's `local_crop_grads=False`,
-`predictor_grads=False`). Initialised as random unit vectors (the release overwrites its
-init with k-means centroids of teacher projections before training; not done here).
+`predictor_grads=False`). Initialised as random unit vectors; the trainer then replaces
+them, as the release does, by spherical k-means centroids of the teacher's projections
+(`swav_jax.train.excb_centroids`, `excb.init_samples`).
 
 Layout vs. the release (ManiadisG/ExCB, `MLPBottleneckClassifier`): the projection MLP
 matches it (2 hidden layers of 2048 with BN and ReLU, out 256, no BN on the output;
@@ -149,6 +150,11 @@ class ExCBModel(nn.Module):
             x = nn.relu(bn(hidden(x), use_running_average=not train))
         p = self.projection_out(x.astype(jnp.float32))
         return p.reshape(-1, batch, self.proj_dim)
+
+    def projections(self, images: jax.Array, train: bool) -> jax.Array:
+        """[N, proj_dim] float32 L2-normalised projections p of normalised images [N, H, W, 3]
+        (what the centroids are compared with; k-means initialises them on these)."""
+        return l2_normalize(self._project([images[None]], train)[0])
 
     def _unit_centroids(self) -> jax.Array:
         return l2_normalize(self.centroids, axis=0)

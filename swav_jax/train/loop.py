@@ -19,7 +19,7 @@ from swav_jax.data import pipeline
 from swav_jax.eval.run import knn_eval, random_init_variables
 from swav_jax.models import build_model, sync_bn_mesh_shape
 from swav_jax.models.excb import build_excb_model
-from swav_jax.train import excb_optim, excb_step, optim
+from swav_jax.train import excb_centroids, excb_optim, excb_step, optim
 from swav_jax.train.errors import NonFiniteLossError
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
 from swav_jax.train.metrics import MetricsWriter, Progress
@@ -183,6 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     if start is not None:
         state = checkpointer.restore(start, abstract_like(state), data)
         log.info("Resumed from %s at step %d", checkpointer.directory, start)
+    elif config.method == "excb" and int(config.excb.init_samples) > 0:
+        state = excb_centroids.init_centroids(config, build_excb_model(config), state)
     start = int(state.step)
 
     writer = MetricsWriter(workdir, enabled=is_writer)

@@ -82,6 +82,10 @@ def _validate_excb(config: ml_collections.ConfigDict) -> None:
         _require(0 <= excb[key] <= 1, f"excb.{key}", f"must be in [0, 1], got {excb[key]}")
     for key in ("centroid_weight_decay", "centroid_weight_decay_end"):
         _require(excb[key] >= 0, f"excb.{key}", f"must be >= 0, got {excb[key]}")
+    samples = excb.init_samples
+    _require(isinstance(samples, int) and (samples == 0 or samples >= excb.num_clusters), "excb.init_samples",
+             f"must be 0 (random unit centroids) or at least excb.num_clusters = {excb.num_clusters} "
+             f"(k-means needs a sample per centroid), got {samples!r}")
 
 
 def _validate_swav(config: ml_collections.ConfigDict) -> None:
