@@ -92,7 +92,8 @@ def _num_clusters(config: ml_collections.ConfigDict) -> int:
 
 
 def _build_method(config, schedule, mesh, *, steps_per_epoch, total_steps, data_axis, bn_group_axis):
-    """(initial state, train step) of `config.method`: the one place the methods differ.
+    """(initial state, train step) of `config.method`: where the methods differ (besides
+    ExCB's data-dependent centroid initialisation, which `train` runs on a fresh start only).
 
     `config` is resolved and may be edited here (SwAV's effective queue length).
     """
