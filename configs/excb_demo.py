@@ -1,8 +1,9 @@
 """The ExCB demo: the SwAV demo's data, network and crops, at batch 32 with K = 128 > batch.
 
-1,437 training digits (8x8, upscaled to 32 px), the demo's narrow ResNet-18 with the
-small-image stem and its mild augmentation, 2 x 32 px + 4 x 16 px crops; ExCB's teacher
-sees the two 32 px crops. Short-run settings: the paper's tracker momentum 0.999
+1,437 training digits (8x8, upscaled to 16 px), the demo's narrow ResNet-18 with the
+small-image stem and its mild augmentation, 2 x 16 px + 4 x 8 px crops, 80 epochs; ExCB's
+teacher sees the two 16 px crops. Not yet a working demo: on the digits ExCB's loss stays
+at ln(K) and its features do not beat random init (docs/COMPARISON.md). Short-run settings: the paper's tracker momentum 0.999
 averages over ~1,000 steps, longer than this whole run, so the tracker uses 0.99 and the
 teacher starts its EMA at 0.99 (the paper: 0.996 over 400 ImageNet epochs).
 
