@@ -17,10 +17,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_config
+from train_helpers import assert_trees_close, build, random_batches, single_device_mesh
 from swav_jax.eval.plots import plot_metrics
 from swav_jax.eval.run import feature_fn, load_variables
 from swav_jax.models.excb import ExCBModel, build_excb_model
-from swav_jax.train import excb_centroids, excb_optim, excb_step, optim
+from swav_jax.train import excb_centroids, excb_optim
 from swav_jax.train.loop import make_mesh, train
 from swav_jax.train.step import augment_views
 from swav_jax.train.validate import ConfigError, validate_config
@@ -46,38 +47,9 @@ def _config():
     return c
 
 
-def _build(config, mesh, data_axis, bn_group_axis):
-    schedule = optim.lr_schedule(config.optim, steps_per_epoch=TOTAL_STEPS, epochs=1, batch_size=config.batch_size)
-    optimizer = excb_optim.make_excb_optimizer(
-        config.optim,
-        schedule,
-        excb_optim.centroid_weight_decay(
-            config.excb.centroid_weight_decay, config.excb.centroid_weight_decay_end, TOTAL_STEPS
-        ),
-    )
-    model = build_excb_model(config, bn_axis_name="bn")
-    state = excb_step.init_state(config, model.clone(bn_axis_name=None), optimizer, mesh)
-    step = excb_step.make_train_step(
-        config, model, optimizer, schedule, mesh,
-        total_steps=TOTAL_STEPS, data_axis=data_axis, bn_group_axis=bn_group_axis,
-    )
-    return state, step
-
-
-def _batches(config, num_steps, seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        [
-            rng.integers(0, 256, size=(n, config.batch_size, s, s, 3), dtype=np.uint8)
-            for n, s in zip(config.crops.num_crops, config.crops.size_crops)
-        ]
-        for _ in range(num_steps)
-    ]
-
-
 def _run(config, mesh, data_axis, bn_group_axis, batches):
     """States before each step and after the last, and the metrics of each step (host)."""
-    state, step = _build(config, mesh, data_axis, bn_group_axis)
+    state, step = build(config, mesh, data_axis, bn_group_axis, steps_per_epoch=TOTAL_STEPS)
     sharding = NamedSharding(mesh, P(None, data_axis))
     states, history = [], []
     for crops in batches:
@@ -88,21 +60,12 @@ def _run(config, mesh, data_axis, bn_group_axis, batches):
     return states, history
 
 
-def _single_mesh():
-    return jax.make_mesh((1, 1), ("data", "bn"), devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope="module")
 def single_run():
     config = _config()
-    batches = _batches(config, 2)
-    states, history = _run(config, _single_mesh(), ("data", "bn"), None, batches)
+    batches = random_batches(config, 2)
+    states, history = _run(config, single_device_mesh(), ("data", "bn"), None, batches)
     return config, batches, states, history
-
-
-def _assert_trees_close(a, b, rtol, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 # ---- float64 references from SPEC §10 / the release ------------------------------------
@@ -140,7 +103,7 @@ def test_sharded_step_equals_single_device(single_run):
     # Plain SGD passes float32 summation-order noise of the gradients (~1e-7 relative)
     # on at full size, and the second step's forward amplifies it: 3e-5 after 2 steps.
     for field in ("params", "batch_stats", "teacher_params", "teacher_batch_stats"):
-        _assert_trees_close(getattr(sharded, field), getattr(single, field), rtol=1e-4, atol=3e-5)
+        assert_trees_close(getattr(sharded, field), getattr(single, field), rtol=1e-4, atol=3e-5)
     np.testing.assert_allclose(sharded.cluster_sizes, single.cluster_sizes, atol=1e-7)
     assert int(sharded.step) == 2
 
@@ -148,14 +111,14 @@ def test_sharded_step_equals_single_device(single_run):
 def test_teacher_is_ema_of_student_with_scheduled_momentum(single_run):
     config, _, states, history = single_run
     init = states[0]
-    _assert_trees_close(init.teacher_params, init.params, rtol=0, atol=0)  # teacher starts as a copy
+    assert_trees_close(init.teacher_params, init.params, rtol=0, atol=0)  # teacher starts as a copy
     for s in range(2):
         m = momentum_ref(config.excb.teacher_momentum, s, TOTAL_STEPS)
         np.testing.assert_allclose(history[s]["train/teacher_momentum"], m, rtol=1e-6)
         expected = jax.tree.map(
             lambda t, p: m * np.float64(t) + (1 - m) * np.float64(p), states[s].teacher_params, states[s + 1].params
         )
-        _assert_trees_close(states[s + 1].teacher_params, expected, rtol=1e-6, atol=1e-7)
+        assert_trees_close(states[s + 1].teacher_params, expected, rtol=1e-6, atol=1e-7)
     # The student moved, and the teacher lags behind it.
     moved = lambda a, b: max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
         jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -174,7 +137,7 @@ def _teacher_similarities(config, state, crops):
         )
         return sims
 
-    fn = jax.jit(jax.shard_map(local, mesh=_single_mesh(), in_specs=P(), out_specs=P(), check_vma=False))
+    fn = jax.jit(jax.shard_map(local, mesh=single_device_mesh(), in_specs=P(), out_specs=P(), check_vma=False))
     variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
     return np.asarray(fn(state.rng, state.step, variables, *(jnp.asarray(c) for c in crops)), np.float64)
 
@@ -327,7 +290,7 @@ def test_optimizer_is_torch_sgd_with_decay_groups():
         out = jax.tree.map_with_path(sgd, ref, grads, buf)
         ref = jax.tree.map(lambda o: o[0], out, is_leaf=lambda x: isinstance(x, tuple))
         buf = jax.tree.map(lambda o: o[1], out, is_leaf=lambda x: isinstance(x, tuple))
-        _assert_trees_close(current, ref, rtol=1e-5, atol=1e-6)
+        assert_trees_close(current, ref, rtol=1e-5, atol=1e-6)
 
 
 # ---- the training program --------------------------------------------------------------
@@ -467,8 +430,8 @@ def test_chunked_assignment_equals_one_shot(monkeypatch):
 
 def test_init_centroids_clusters_the_teacher_projections():
     config = _config()
-    mesh = _single_mesh()
-    state, _ = _build(config, mesh, ("data", "bn"), None)
+    mesh = single_device_mesh()
+    state, _ = build(config, mesh, ("data", "bn"), None, steps_per_epoch=TOTAL_STEPS)
     model = build_excb_model(config)
     new = excb_centroids.init_centroids(config, model, state)
     student, teacher = np.asarray(new.params["centroids"]), np.asarray(new.teacher_params["centroids"])

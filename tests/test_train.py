@@ -14,48 +14,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_config
+from train_helpers import assert_trees_close, build, random_batches, single_device_mesh
 from swav_jax.eval.run import load_variables
-from swav_jax.models import build_model
-from swav_jax.train import optim
 from swav_jax.train.loop import NonFiniteLossError, make_mesh, train
-from swav_jax.train.step import init_state, make_train_step
 from swav_jax.train.validate import ConfigError, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _build(config, mesh, data_axis, bn_group_axis, steps_per_epoch=10):
-    schedule = optim.lr_schedule(
-        config.optim, steps_per_epoch=steps_per_epoch, epochs=config.epochs, batch_size=config.batch_size
-    )
-    optimizer = optim.make_optimizer(
-        config.optim,
-        schedule,
-        freeze_mask=optim.prototype_mask,
-        freeze_steps=config.swav.freeze_prototypes_niters,
-    )
-    model = build_model(config.model, bn_axis_name="bn")
-    state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
-    step = make_train_step(
-        config, model, optimizer, schedule, mesh,
-        steps_per_epoch=steps_per_epoch, data_axis=data_axis, bn_group_axis=bn_group_axis,
-    )
-    return state, step
-
-
-def _batches(config, num_steps, seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        [
-            rng.integers(0, 256, size=(n, config.batch_size, s, s, 3), dtype=np.uint8)
-            for n, s in zip(config.crops.num_crops, config.crops.size_crops)
-        ]
-        for _ in range(num_steps)
-    ]
-
-
 def _run_steps(config, mesh, data_axis, bn_group_axis, batches, steps_per_epoch=10):
-    state, step = _build(config, mesh, data_axis, bn_group_axis, steps_per_epoch)
+    state, step = build(config, mesh, data_axis, bn_group_axis, steps_per_epoch)
     sharding = NamedSharding(mesh, P(None, data_axis))
     history = []
     for crops in batches:
@@ -65,26 +33,17 @@ def _run_steps(config, mesh, data_axis, bn_group_axis, batches, steps_per_epoch=
     return jax.device_get(state), history
 
 
-def _single_device_mesh():
-    return jax.make_mesh((1, 1), ("data", "bn"), devices=jax.devices()[:1])
-
-
-def _assert_trees_close(a, b, rtol, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
 def test_sharded_step_equals_single_device():
     config = tiny_config.get_config()
-    batches = _batches(config, 2)
+    batches = random_batches(config, 2)
     mesh8, axes, groups = make_mesh(config)
     assert mesh8.devices.size == 8
     sharded, m8 = _run_steps(config, mesh8, axes, groups, batches)
-    single, m1 = _run_steps(config, _single_device_mesh(), ("data", "bn"), None, batches)
+    single, m1 = _run_steps(config, single_device_mesh(), ("data", "bn"), None, batches)
     for a, b in zip(m8, m1):
         np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
-    _assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
-    _assert_trees_close(sharded.batch_stats, single.batch_stats, rtol=1e-4, atol=1e-5)
+    assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
+    assert_trees_close(sharded.batch_stats, single.batch_stats, rtol=1e-4, atol=1e-5)
 
 
 def test_bn_groups_keep_state_replicated_and_train():
@@ -92,7 +51,7 @@ def test_bn_groups_keep_state_replicated_and_train():
     config.model.sync_bn_group_size = 4
     mesh, axes, groups = make_mesh(config)
     assert mesh.devices.shape == (2, 4) and groups == "data"
-    state, history = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    state, history = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
     assert all(np.isfinite(m["train/loss"]) for m in history)
     assert state.batch_stats  # replicated (out_specs P()) after the group mean
 
@@ -101,15 +60,15 @@ def test_prototypes_frozen_then_trained():
     config = tiny_config.get_config()
     config.swav.freeze_prototypes_niters = 2
     mesh, axes, groups = make_mesh(config)
-    init, _ = _build(config, mesh, axes, groups)
+    init, _ = build(config, mesh, axes, groups)
     init = jax.device_get(init)
-    state, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    state, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
     # Frozen: only the per-step re-normalisation touches them (float rounding).
     np.testing.assert_allclose(
         state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"], atol=1e-6
     )
     assert not np.allclose(state.params["projection_out"]["kernel"], init.params["projection_out"]["kernel"])
-    later, _ = _run_steps(config, mesh, axes, groups, _batches(config, 3))
+    later, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 3))
     moved = np.abs(later.params["prototypes_0"]["kernel"] - init.params["prototypes_0"]["kernel"]).max()
     assert moved > 1e-5  # LARS steps are small (trust 0.001); frozen drift is ~1e-7
 
@@ -120,14 +79,14 @@ def test_queue_starts_fills_and_is_used_once_full():
     config.swav.epoch_queue_starts = 1
     mesh, axes, groups = make_mesh(config)
     steps_per_epoch = 2
-    state, history = _run_steps(config, mesh, axes, groups, _batches(config, 5), steps_per_epoch)
+    state, history = _run_steps(config, mesh, axes, groups, random_batches(config, 5), steps_per_epoch)
     # Steps 0-1: before the queue epoch, nothing stored. Steps 2-3 fill it; step 4 uses it.
     assert [m["train/queue_in_use"] for m in history] == [0, 0, 0, 0, 1]
     queue = np.asarray(state.queue)
     assert queue.shape == (2, 2 * config.batch_size, config.model.proj_dim)
     np.testing.assert_allclose(np.linalg.norm(queue, axis=-1), 1.0, rtol=1e-5)
 
-    before, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2), steps_per_epoch)
+    before, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2), steps_per_epoch)
     np.testing.assert_array_equal(before.queue, 0.0)
 
 
@@ -137,8 +96,8 @@ def test_queue_holds_newest_embeddings_in_front():
     config.swav.queue_length = 2 * config.batch_size
     config.swav.epoch_queue_starts = 0
     mesh, axes, groups = make_mesh(config)
-    one, _ = _run_steps(config, mesh, axes, groups, _batches(config, 1))
-    two, _ = _run_steps(config, mesh, axes, groups, _batches(config, 2))
+    one, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 1))
+    two, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
     local_b, local_q = config.batch_size // 8, 2 * config.batch_size // 8
     for d in range(8):
         block1 = np.asarray(one.queue)[:, d * local_q:(d + 1) * local_q]

@@ -10,7 +10,6 @@ import signal
 import threading
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -91,7 +90,7 @@ def _num_clusters(config: ml_collections.ConfigDict) -> int:
     return int(config.model.num_prototypes[0])
 
 
-def _build_method(config, schedule, mesh, *, steps_per_epoch, total_steps, data_axis, bn_group_axis):
+def build_method(config, schedule, mesh, *, steps_per_epoch, total_steps, data_axis, bn_group_axis):
     """(initial state, train step) of `config.method`: where the methods differ (besides
     ExCB's data-dependent centroid initialisation, which `train` runs on a fresh start only).
 
@@ -169,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs), batch_size=int(config.batch_size)
     )
     config = config.copy_and_resolve_references()
-    state, train_step = _build_method(
+    state, train_step = build_method(
         config,
         schedule,
         mesh,

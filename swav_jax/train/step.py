@@ -10,7 +10,7 @@ queue are sharded over the data axis.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
