@@ -37,6 +37,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from configs import demo, excb_demo  # noqa: E402
 from swav_jax.data import sources  # noqa: E402
+from swav_jax.data.augment import normalize  # noqa: E402
 from swav_jax.data.eval_batches import eval_batches  # noqa: E402
 from swav_jax.eval.run import knn_eval, load_variables, random_init_variables  # noqa: E402
 from swav_jax.models import SwAVModel, build_model, normalize_prototypes  # noqa: E402
@@ -90,12 +91,11 @@ def cluster_counts(config, variables) -> np.ndarray:
         model, scores, k = build_model(config.model), _swav_scores, int(config.model.num_prototypes[0])
     mean = np.asarray(config.augment.mean, np.float32)
     std = np.asarray(config.augment.std, np.float32)
-    assign = jax.jit(lambda v, x: jnp.argmax(scores(model, v, x), axis=-1))
+    assign = jax.jit(lambda v, x: jnp.argmax(scores(model, v, normalize(x, mean, std)), axis=-1))
     counts = np.zeros(k, np.int64)
     source = sources.make_source(config.data, config.data.split)
     for batch in eval_batches(source, size=int(config.crops.size_crops[0]), batch_size=256):
-        x = (batch["image"].astype(np.float32) / 255.0 - mean) / std
-        choice = np.asarray(assign(variables, jnp.asarray(x)))
+        choice = np.asarray(assign(variables, jnp.asarray(batch["image"])))
         counts += np.bincount(choice[batch["mask"]], minlength=k)
     return counts
 

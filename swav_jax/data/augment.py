@@ -200,6 +200,12 @@ def augment_crops(rng: jax.Array, crops: jax.Array, augment_config, dtype=jnp.fl
     return apply_params(crops, params, augment_config, dtype)
 
 
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint8 [..., 3] -> `dtype` (x / 255 - mean) / std: the evaluation-side input, normalised
+    as `apply_params` normalises the augmented training crops."""
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
 def denormalize(images: np.ndarray, augment_config) -> np.ndarray:
     """Inverse of the normalisation, to uint8 for viewing: [..., 3] -> uint8 [..., 3]."""
     x = np.asarray(images, np.float32) * np.asarray(augment_config.std) + np.asarray(augment_config.mean)

@@ -19,6 +19,7 @@ from jax.tree_util import Partial
 
 from swav_jax import convert
 from swav_jax.data import sources
+from swav_jax.data.augment import normalize
 from swav_jax.data.eval_batches import eval_batches
 from swav_jax.eval.features import extract_features
 from swav_jax.eval.knn import knn_classify
@@ -57,8 +58,7 @@ def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _apply_features(model: SwAVModel, mean, std, variables, images):
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    return model.apply(variables, x.astype(model.dtype), method=SwAVModel.features)
+    return model.apply(variables, normalize(images, mean, std, model.dtype), method=SwAVModel.features)
 
 
 def feature_fn(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> Partial:

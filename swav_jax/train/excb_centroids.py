@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from swav_jax.data import sources
+from swav_jax.data.augment import normalize
 from swav_jax.data.eval_batches import eval_batches
 from swav_jax.models.excb import CENTROIDS, ExCBModel
 from swav_jax.models.swav import l2_normalize
@@ -103,7 +104,7 @@ def teacher_projections(config: ml_collections.ConfigDict, model: ExCBModel, var
 
     @jax.jit
     def project(variables, images):
-        x = ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(model.dtype)
+        x = normalize(images, mean, std, model.dtype)
         p, _ = model.apply(variables, x, True, mutable=["batch_stats"], method=ExCBModel.projections)
         return p
 
