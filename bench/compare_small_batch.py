@@ -1,7 +1,7 @@
 """Small-batch side-by-side on the digits: SwAV without queue, SwAV with queue, ExCB.
 
-Same data (the 1,437 training digits, 32 px), backbone (the demo's narrow ResNet-18),
-crops (2 x 32 + 4 x 16), batch, number of clusters K (> batch) and number of steps for
+Same data (the 1,437 training digits, 16 px), backbone (the demo's narrow ResNet-18),
+crops (2 x 16 + 4 x 8), batch, number of clusters K (> batch) and number of steps for
 the three methods; each keeps its own recipe's head, optimiser and LR (configs/demo.py
 for SwAV, configs/excb_demo.py for ExCB). Then, for each trained network (SwAV's model,
 ExCB's EMA teacher):
@@ -13,7 +13,7 @@ Writes docs/COMPARISON.md (settings, command, machine, table) and
 docs/compare_small_batch_usage.png (training loss; sorted cluster sizes). Training resumes from
 --workdir, so a re-run only evaluates.
 
-    python bench/compare_small_batch.py --workdir /tmp/compare --epochs 12
+    python bench/compare_small_batch.py --workdir /tmp/compare --epochs 20
 """
 
 from __future__ import annotations

@@ -21,8 +21,6 @@ device holds the same vector.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 
@@ -163,19 +161,6 @@ def update_cluster_sizes(
     return momentum * old + (1.0 - momentum) * batch_sizes
 
 
-def _check_global_views(global_views: Sequence[int], num_global: int, num_views: int) -> tuple[int, ...]:
-    views = tuple(int(v) for v in global_views)
-    if len(views) != num_global:
-        raise ValueError(
-            f"global_views must name one student view per teacher view ({num_global}), got {views}"
-        )
-    if len(set(views)) != len(views) or not all(0 <= v < num_views for v in views):
-        raise ValueError(
-            f"global_views must hold distinct student view indices in [0, {num_views}), got {views}"
-        )
-    return views
-
-
 def excb_loss(
     teacher_similarities: jax.Array,
     student_similarities: jax.Array,
@@ -184,39 +169,41 @@ def excb_loss(
     *,
     teacher_temperature: float = 0.04,
     student_temperature: float = 0.1,
-    global_views: Sequence[int] = (0, 1),
 ) -> jax.Array:
     """ExCB teacher-student cross-entropy with balanced teacher targets (SPEC §10).
 
     Targets q_a = softmax(balance_similarities(t_a, sizes) / teacher_temperature) for
-    each global teacher view a; predictions log_softmax(x_v / student_temperature) of
-    the student's projection path h (x = student_similarities) and predictor path g
-    (x = predictor_similarities). With CE(q, x) the batch mean of -sum_k q log p(x),
-    g_a = global_views[a] the student view that shows the same crop as teacher view a,
-    and V student views:
+    each of the G global teacher views a; predictions log_softmax(x / student_temperature)
+    of the student's projection path h (x = student_similarities, the same G global crops
+    in the same order) and predictor path g (x = predictor_similarities, all V crops).
+    With CE(q, x) the batch mean of -sum_k q log p(x):
 
-      loss = mean_a [ 1/2 * mean_{v != g_a} CE(q_a, h_v)      (all other views, h path)
-                    + 1/2 * mean_{v}        CE(q_a, g_v) ]    (all views, predictor path)
+      loss = mean_a [ 1/2 * mean_{b != a} CE(q_a, h_b)      (the other global views, h path)
+                    + 1/2 * mean_{v}      CE(q_a, g_v) ]    (all views, predictor path)
 
-    i.e. each path is an equal-weight mean over its (teacher view, student view) pairs
-    and the two paths weigh half each. A collapsed model sits at ln(K).
+    Each path is an equal-weight mean over its (teacher view, student view) pairs and
+    the two paths weigh half each, as SPEC §10 says. Which student views the h path
+    pairs with is the release's (ManiadisG/ExCB: `Trainer.unroll_batch` matches each
+    teacher view with the other teacher views and with every predictor output), not
+    SPEC's "all other student views": with the local crops in the h path as well, the
+    demo's projections collapsed onto one direction and the loss stayed at ln(K)
+    (docs/COMPARISON.md). The release then averages its 1 + V pairs equally; the half
+    weights learned better on the demo. A collapsed model sits at ln(K).
 
     Gradients flow into `student_similarities` and `predictor_similarities` only: the
-    targets are stop-gradient. (Which parameters those scores reach, e.g. centroids
-    only through the global views' h path, is the model's business.)
+    targets are stop-gradient. (Which parameters those scores reach, e.g. the centroids
+    not through the predictor path, is the model's business.)
 
     Args:
-      teacher_similarities: [G, B, K] any float dtype; EMA-teacher similarities of the
-        G global views of the local batch B to the K centroids.
-      student_similarities: [V, B, K] any float dtype; student h-path similarities of
-        all V views, crop-major (global views first, as the teacher's).
+      teacher_similarities: [G, B, K] any float dtype, G >= 2; EMA-teacher similarities
+        of the global views of the local batch B to the K centroids.
+      student_similarities: [G, B, K] any float dtype; student h-path similarities of
+        the same G global views.
       predictor_similarities: [V, B, K] any float dtype; student predictor-path
-        similarities of the same V views.
+        similarities of all V views (global and local).
       sizes: [K] float; the tracker's cluster sizes before this step's update.
       teacher_temperature: teacher softmax temperature (0.04 in the paper), > 0.
       student_temperature: student softmax temperature (0.1 in the paper), > 0.
-      global_views: for each teacher view a, the index of the student view of the same
-        crop; excluded from a's h-path targets.
 
     Returns:
       float32 scalar: the local-batch mean loss (`pmean` it over the data axis for the
@@ -226,33 +213,33 @@ def excb_loss(
     _check_similarities("student_similarities", student_similarities, 3)
     _check_similarities("predictor_similarities", predictor_similarities, 3)
     num_global, batch, num_clusters = teacher_similarities.shape
-    num_views = student_similarities.shape[0]
-    if student_similarities.shape[1:] != (batch, num_clusters):
+    if num_global < 2:
         raise ValueError(
-            f"student_similarities must have shape [V, {batch}, {num_clusters}] to match "
-            f"teacher_similarities {teacher_similarities.shape}, got {student_similarities.shape}"
+            f"teacher_similarities must hold at least 2 global views (the h path pairs each "
+            f"with the others), got shape {teacher_similarities.shape}"
         )
-    if predictor_similarities.shape != student_similarities.shape:
+    if student_similarities.shape != teacher_similarities.shape:
         raise ValueError(
-            f"predictor_similarities must have the shape of student_similarities "
-            f"{student_similarities.shape}, got {predictor_similarities.shape}"
+            f"student_similarities must have the shape of teacher_similarities "
+            f"{teacher_similarities.shape} (the same global views), got {student_similarities.shape}"
         )
-    if num_views < 2:
-        raise ValueError(f"student_similarities must hold at least 2 views, got {num_views}")
-    views = _check_global_views(global_views, num_global, num_views)
+    if predictor_similarities.shape[1:] != (batch, num_clusters):
+        raise ValueError(
+            f"predictor_similarities must have shape [V, {batch}, {num_clusters}] to match "
+            f"teacher_similarities {teacher_similarities.shape}, got {predictor_similarities.shape}"
+        )
     _check_sizes(sizes, num_clusters)
     _check_temperature("teacher_temperature", teacher_temperature)
     _check_temperature("student_temperature", student_temperature)
 
     targets = jax.nn.softmax(_teacher_logits(teacher_similarities, sizes, teacher_temperature), axis=-1)
 
-    def cross_entropy(similarities):  # -> [G, V]: batch mean CE of each pair.
+    def cross_entropy(similarities):  # -> [G, views]: batch mean CE of each pair.
         log_p = jax.nn.log_softmax(similarities.astype(jnp.float32) / student_temperature, axis=-1)
         return -jnp.einsum("abk,vbk->av", targets, log_p) / batch
 
-    not_self = jnp.ones((num_global, num_views), jnp.float32)
-    not_self = not_self.at[jnp.arange(num_global), jnp.array(views)].set(0.0)
-    h_path = jnp.sum(cross_entropy(student_similarities) * not_self, axis=1) / (num_views - 1)
+    others = 1.0 - jnp.eye(num_global, dtype=jnp.float32)
+    h_path = jnp.sum(cross_entropy(student_similarities) * others, axis=1) / (num_global - 1)
     g_path = jnp.mean(cross_entropy(predictor_similarities), axis=1)
     return jnp.mean(0.5 * h_path + 0.5 * g_path)
 

@@ -45,21 +45,23 @@ def tracker_ref(s, teacher, momentum):
     return momentum * np.asarray(s, np.float64) + (1.0 - momentum) * batch_fraction
 
 
-def excb_loss_ref(teacher, student, predictor, s, t_teacher, t_student, global_views):
+def excb_loss_ref(teacher, student, predictor, s, t_teacher, t_student):
+    """Teacher view a -> h path of the other global views b != a, predictor path of all
+    views; each path an equal-weight mean over its pairs, the two paths half each."""
     teacher, student, predictor = (np.asarray(x, np.float64) for x in (teacher, student, predictor))
-    num_views = student.shape[0]
+    num_global, num_views = teacher.shape[0], predictor.shape[0]
 
     def ce(q, x):  # batch mean of -sum_k q log softmax(x / T)
         log_p = np.log(softmax_ref(x / t_student))
         return -np.mean(np.sum(q * log_p, axis=-1))
 
     total = 0.0
-    for a, ga in enumerate(global_views):
+    for a in range(num_global):
         q = softmax_ref(balance_ref(teacher[a], s) / t_teacher)
-        h = np.mean([ce(q, student[v]) for v in range(num_views) if v != ga])
+        h = np.mean([ce(q, student[b]) for b in range(num_global) if b != a])
         g = np.mean([ce(q, predictor[v]) for v in range(num_views)])
         total += 0.5 * h + 0.5 * g
-    return total / len(global_views)
+    return total / num_global
 
 
 # ---- inputs --------------------------------------------------------------------------
@@ -180,48 +182,48 @@ def test_tracker_counts_hard_assignments():
 
 
 @pytest.mark.parametrize(
-    "g,v,b,k,global_views",
+    "g,v,b,k,temperatures",
     [
-        (2, 8, 4, 50, (0, 1)),  # 2 + 6 multi-crop, K > B
-        (2, 2, 16, 10, (0, 1)),  # no local crops
-        (1, 3, 5, 7, (0,)),
-        (2, 5, 3, 9, (3, 1)),  # global crops not first
+        (2, 8, 4, 50, (0.04, 0.1)),  # 2 + 6 multi-crop, K > B
+        (2, 2, 16, 10, (0.04, 0.1)),  # no local crops
+        (3, 7, 5, 7, (0.01, 0.2)),  # three global views
     ],
 )
-def test_loss_matches_float64_reference(g, v, b, k, global_views):
+def test_loss_matches_float64_reference(g, v, b, k, temperatures):
     rng = np.random.default_rng(g * 100 + v * 10 + b)
-    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, v, b, k), _cosines(rng, v, b, k)
+    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, g, b, k), _cosines(rng, v, b, k)
     s = _sizes(rng, k)
-    kwargs = dict(teacher_temperature=0.04, student_temperature=0.1, global_views=global_views)
+    t_teacher, t_student = temperatures
+    kwargs = dict(teacher_temperature=t_teacher, student_temperature=t_student)
     loss = excb_loss(*(jnp.asarray(x) for x in (teacher, student, predictor, s)), **kwargs)
     assert loss.shape == () and loss.dtype == jnp.float32
-    expected = excb_loss_ref(teacher, student, predictor, s, 0.04, 0.1, global_views)
+    expected = excb_loss_ref(teacher, student, predictor, s, t_teacher, t_student)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_loss_uses_balanced_targets():
     rng = np.random.default_rng(2)
-    teacher, student, predictor = _cosines(rng, 2, 6, 10), _cosines(rng, 4, 6, 10), _cosines(rng, 4, 6, 10)
+    teacher, student, predictor = _cosines(rng, 2, 6, 10), _cosines(rng, 2, 6, 10), _cosines(rng, 4, 6, 10)
     args = [jnp.asarray(x) for x in (teacher, student, predictor)]
     balanced = excb_loss(*args, jnp.asarray(_sizes(rng, 10, spread=2.0)))
     uniform = excb_loss(*args, init_cluster_sizes(10))
     assert abs(float(balanced) - float(uniform)) > 1e-3
     np.testing.assert_allclose(
-        uniform, excb_loss_ref(teacher, student, predictor, np.full(10, 0.1), 0.04, 0.1, (0, 1)), rtol=1e-5
+        uniform, excb_loss_ref(teacher, student, predictor, np.full(10, 0.1), 0.04, 0.1), rtol=1e-5
     )
 
 
 def test_uniform_student_gives_log_k():
     rng = np.random.default_rng(3)
     teacher = jnp.asarray(_cosines(rng, 2, 4, 30))
-    loss = excb_loss(teacher, jnp.zeros((6, 4, 30)), jnp.zeros((6, 4, 30)), jnp.asarray(_sizes(rng, 30)))
+    loss = excb_loss(teacher, jnp.zeros((2, 4, 30)), jnp.zeros((6, 4, 30)), jnp.asarray(_sizes(rng, 30)))
     np.testing.assert_allclose(loss, np.log(30), rtol=1e-6)
 
 
 def test_gradients_flow_only_to_student_and_predictor():
     rng = np.random.default_rng(4)
-    g, v, b, k = 2, 4, 3, 6
-    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, v, b, k), _cosines(rng, v, b, k)
+    g, v, b, k = 3, 5, 3, 6
+    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, g, b, k), _cosines(rng, v, b, k)
     s = _sizes(rng, k)
     grads = jax.grad(lambda *x: excb_loss(*x), argnums=(0, 1, 2, 3))(
         *(jnp.asarray(x) for x in (teacher, student, predictor, s))
@@ -230,12 +232,13 @@ def test_gradients_flow_only_to_student_and_predictor():
     np.testing.assert_array_equal(grads[3], 0.0)
     # Analytic: d CE(q, x/T) / dx = (softmax(x/T) - q) / T, times each pair's weight / B.
     q = [softmax_ref(balance_ref(teacher[a], s) / 0.04) for a in range(g)]
-    expected_h, expected_g = np.zeros((v, b, k)), np.zeros((v, b, k))
+    expected_h, expected_g = np.zeros((g, b, k)), np.zeros((v, b, k))
     for a in range(g):
         for w in range(v):
             expected_g[w] += (softmax_ref(predictor[w] / 0.1) - q[a]) / 0.1 * (0.5 / v) / b / g
+        for w in range(g):
             if w != a:
-                expected_h[w] += (softmax_ref(student[w] / 0.1) - q[a]) / 0.1 * (0.5 / (v - 1)) / b / g
+                expected_h[w] += (softmax_ref(student[w] / 0.1) - q[a]) / 0.1 * (0.5 / (g - 1)) / b / g
     np.testing.assert_allclose(grads[1], expected_h, atol=1e-5)
     np.testing.assert_allclose(grads[2], expected_g, atol=1e-5)
 
@@ -243,7 +246,7 @@ def test_gradients_flow_only_to_student_and_predictor():
 def test_bf16_inputs_finite():
     rng = np.random.default_rng(5)
     teacher, student, predictor = (
-        jnp.asarray(_cosines(rng, *shape), jnp.bfloat16) for shape in [(2, 8, 300), (8, 8, 300), (8, 8, 300)]
+        jnp.asarray(_cosines(rng, *shape), jnp.bfloat16) for shape in [(2, 8, 300), (2, 8, 300), (8, 8, 300)]
     )
     s = jnp.asarray(_sizes(rng, 300, spread=3.0))
     loss, grads = jax.jit(jax.value_and_grad(excb_loss, argnums=(1, 2)))(teacher, student, predictor, s)
@@ -251,7 +254,7 @@ def test_bf16_inputs_finite():
     for grad in grads:
         assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
     as_f32 = [np.asarray(x.astype(jnp.float32)) for x in (teacher, student, predictor)]
-    np.testing.assert_allclose(loss, excb_loss_ref(*as_f32, np.asarray(s), 0.04, 0.1, (0, 1)), rtol=1e-4)
+    np.testing.assert_allclose(loss, excb_loss_ref(*as_f32, np.asarray(s), 0.04, 0.1), rtol=1e-4)
     sizes = update_cluster_sizes(s, teacher)
     assert sizes.dtype == jnp.float32 and np.all(np.isfinite(sizes))
     assert all(np.isfinite(x) for x in excb_metrics(teacher, s).values())
@@ -300,7 +303,7 @@ def test_sharded_tracker_loss_and_metrics_equal_unsharded():
     mesh = _mesh()
     rng = np.random.default_rng(7)
     g, v, b, k = 2, 4, 8 * 3, 40
-    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, v, b, k), _cosines(rng, v, b, k)
+    teacher, student, predictor = _cosines(rng, g, b, k), _cosines(rng, g, b, k), _cosines(rng, v, b, k)
     teacher[..., :3] += 0.5  # unequal clusters, so the update and the metrics are non-trivial
     s = _sizes(rng, k)
 
@@ -322,7 +325,7 @@ def test_sharded_tracker_loss_and_metrics_equal_unsharded():
 
     args = [jnp.asarray(x) for x in (teacher, student, predictor, s)]
     np.testing.assert_allclose(loss, excb_loss(*args), rtol=1e-5)
-    expected = excb_loss_ref(teacher, student, predictor, s, 0.04, 0.1, (0, 1))
+    expected = excb_loss_ref(teacher, student, predictor, s, 0.04, 0.1)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(sizes, update_cluster_sizes(args[3], args[0], momentum=0.9), atol=1e-7)
     np.testing.assert_allclose(sizes, tracker_ref(s, teacher, 0.9), atol=1e-6)
@@ -334,7 +337,7 @@ def test_sharded_tracker_loss_and_metrics_equal_unsharded():
 def test_sharded_gradients_equal_unsharded():
     mesh = _mesh()
     rng = np.random.default_rng(8)
-    teacher, student, predictor = _cosines(rng, 2, 16, 12), _cosines(rng, 4, 16, 12), _cosines(rng, 4, 16, 12)
+    teacher, student, predictor = _cosines(rng, 2, 16, 12), _cosines(rng, 2, 16, 12), _cosines(rng, 4, 16, 12)
     s = jnp.asarray(_sizes(rng, 12))
 
     def local_grad(t, x, p):
@@ -354,23 +357,22 @@ def test_sharded_gradients_equal_unsharded():
 
 # ---- argument checks -----------------------------------------------------------------
 
-T, X, S = jnp.zeros((2, 3, 5)), jnp.zeros((4, 3, 5)), jnp.full((5,), 0.2)
+T, X, S = jnp.zeros((2, 3, 5)), jnp.zeros((4, 3, 5)), jnp.full((5,), 0.2)  # X: all views
 
 
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: excb_loss(T, X, X, S, teacher_temperature=0.0), "teacher_temperature"),
-        (lambda: excb_loss(T, X, X, S, student_temperature=-1.0), "student_temperature"),
-        (lambda: excb_loss(T, X, X, S, global_views=(0,)), "global_views"),
-        (lambda: excb_loss(T, X, X, S, global_views=(0, 4)), "global_views"),
-        (lambda: excb_loss(T, X, X, S, global_views=(1, 1)), "global_views"),
-        (lambda: excb_loss(T, X, X, jnp.full((4,), 0.25)), "sizes"),
-        (lambda: excb_loss(T[0], X, X, S), "teacher_similarities"),
-        (lambda: excb_loss(T, X[:, :2], X, S), "student_similarities"),
-        (lambda: excb_loss(T, X, X[:3], S), "predictor_similarities"),
-        (lambda: excb_loss(T, X[:1], X[:1], S, global_views=(0,)), "student_similarities"),
-        (lambda: excb_loss(T.astype(jnp.int32), X, X, S), "teacher_similarities"),
+        (lambda: excb_loss(T, T, X, S, teacher_temperature=0.0), "teacher_temperature"),
+        (lambda: excb_loss(T, T, X, S, student_temperature=-1.0), "student_temperature"),
+        (lambda: excb_loss(T, T, X, jnp.full((4,), 0.25)), "sizes"),
+        (lambda: excb_loss(T[0], T, X, S), "teacher_similarities"),
+        (lambda: excb_loss(T[:1], T[:1], X, S), "at least 2 global views"),
+        (lambda: excb_loss(T, X, X, S), "student_similarities"),
+        (lambda: excb_loss(T, T[:, :2], X, S), "student_similarities"),
+        (lambda: excb_loss(T, T, X[:, :2], S), "predictor_similarities"),
+        (lambda: excb_loss(T, T, X[..., :4], S), "predictor_similarities"),
+        (lambda: excb_loss(T.astype(jnp.int32), T, X, S), "teacher_similarities"),
         (lambda: update_cluster_sizes(S, T, momentum=1.5), "momentum"),
         (lambda: update_cluster_sizes(S[:4], T), "sizes"),
         (lambda: update_cluster_sizes(S, T[0]), "teacher_similarities"),

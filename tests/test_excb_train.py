@@ -196,17 +196,46 @@ def test_similarities_are_cosines_to_unit_centroids(model_and_variables):
     )
     inter = state["intermediates"]
     p = np.float64(inter["projection_out"]["__call__"][0])  # [V * B, D]
-    g = np.float64(inter["predictor"]["__call__"][0])
+    g = np.float64(inter["predictor_out"]["__call__"][0])
     c = np.float64(variables["params"]["centroids"])
     c = c / np.linalg.norm(c, axis=0)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    v, b, k = sims.shape
-    assert (v, b, k) == (4, 4, config.excb.num_clusters) and sims.dtype == jnp.float32
-    np.testing.assert_allclose(sims, (unit(p) @ c).reshape(v, b, k), atol=1e-6)
-    np.testing.assert_allclose(pred_sims, (unit(g) @ c).reshape(v, b, k), atol=1e-6)
+    k = config.excb.num_clusters
+    assert sims.shape == (2, 4, k) and pred_sims.shape == (4, 4, k)  # h path: global crops only
+    assert sims.dtype == pred_sims.dtype == jnp.float32
+    np.testing.assert_allclose(sims, (unit(p[:8]) @ c).reshape(2, 4, k), atol=1e-6)
+    np.testing.assert_allclose(pred_sims, (unit(g) @ c).reshape(4, 4, k), atol=1e-6)
     teacher = model.apply(variables, crops[:1], train=False, method=ExCBModel.teacher_similarities)
-    np.testing.assert_allclose(teacher, sims[:2], atol=1e-6)
+    np.testing.assert_allclose(teacher, sims, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(variables["params"]["centroids"], axis=0), 1.0, rtol=1e-6)
+
+
+def test_predictor_is_the_release_mlp(model_and_variables):
+    """g(p) = Linear(ReLU(BN(Linear(BN(p))))) with BN over all crops of the batch, as the
+    release's predictor (`predictor_activation: bn`, one hidden layer), in float64."""
+    config, model, variables, crops = model_and_variables
+    _, state = model.apply(variables, crops, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"])
+    params = variables["params"]
+    p = np.float64(state["intermediates"]["projection_out"]["__call__"][0])  # [V * B, D]
+
+    def bn(x, layer):  # train mode: batch statistics, biased variance, eps 1e-5
+        x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        return x * np.float64(params[layer]["scale"]) + np.float64(params[layer]["bias"])
+
+    def dense(x, layer):
+        return x @ np.float64(params[layer]["kernel"]) + np.float64(params[layer]["bias"])
+
+    hidden = np.maximum(bn(dense(bn(p, "predictor_bn_in"), "predictor_hidden"), "predictor_bn"), 0.0)
+    expected = dense(hidden, "predictor_out")
+    assert params["predictor_hidden"]["kernel"].shape == (config.excb.proj_dim, config.excb.hidden_dim)
+    assert params["predictor_out"]["kernel"].shape == (config.excb.hidden_dim, config.excb.proj_dim)
+    np.testing.assert_allclose(state["intermediates"]["predictor_out"]["__call__"][0], expected, rtol=1e-4, atol=1e-5)
+    # The input BN takes out the batch mean: moving every projection alike changes nothing.
+    shifted = jax.tree.map(jnp.copy, variables)
+    shifted["params"]["projection_out"]["bias"] = shifted["params"]["projection_out"]["bias"] + 3.0
+    (_, pred), _ = model.apply(variables, crops, train=True, mutable=["batch_stats"])
+    (_, pred_shifted), _ = model.apply(shifted, crops, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(pred_shifted, pred, atol=1e-4)
 
 
 def test_centroids_get_gradients_only_from_global_views_h_path(model_and_variables):
@@ -223,16 +252,15 @@ def test_centroids_get_gradients_only_from_global_views_h_path(model_and_variabl
         return jax.grad(loss)(variables["params"])
 
     norm = lambda tree: float(optax.tree.norm(tree))  # noqa: E731
-    global_h = grads(lambda out: out[0][:2])
-    local_h = grads(lambda out: out[0][2:])
+    global_h = grads(lambda out: out[0])
     predictor = grads(lambda out: out[1])
+    local_predictor = grads(lambda out: out[1][2:])
     assert norm(global_h["centroids"]) > 0
-    np.testing.assert_array_equal(local_h["centroids"], 0.0)
     np.testing.assert_array_equal(predictor["centroids"], 0.0)
-    # The stopped paths still train the rest of the network.
-    assert norm(local_h["projection_out"]) > 0 and norm(local_h["backbone"]) > 0
-    assert norm(predictor["predictor"]) > 0 and norm(predictor["projection_out"]) > 0
-    np.testing.assert_array_equal(global_h["predictor"]["kernel"], 0.0)
+    # The predictor path still trains the rest of the network, local crops included.
+    assert norm(predictor["predictor_out"]) > 0 and norm(predictor["projection_out"]) > 0
+    assert norm(local_predictor["backbone"]) > 0
+    np.testing.assert_array_equal(global_h["predictor_out"]["kernel"], 0.0)
 
 
 # ---- optimiser and schedules -----------------------------------------------------------

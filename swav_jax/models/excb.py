@@ -3,8 +3,9 @@
     crops (per resolution group) -> backbone per group -> pooled features, concatenated
     crop-major -> projection MLP h: [Linear(F, hidden) -> BN -> ReLU] x hidden_layers
     -> Linear(hidden, proj_dim) = p
-      h path:          cos(p, c_k)        for the K centroids c_k
-      predictor path:  cos(g(p), sg(c_k)) with g one Linear(proj_dim, proj_dim)
+      h path:          cos(p, c_k)        for the K centroids c_k, global crops only
+      predictor path:  cos(g(p), sg(c_k)) for all crops, with the predictor
+                       g = BN -> Linear(proj_dim, hidden) -> BN -> ReLU -> Linear(hidden, proj_dim)
 
 Parameter paths (flax `params` collection; `batch_stats` has the same paths for BNs):
 
@@ -12,7 +13,10 @@ Parameter paths (flax `params` collection; `batch_stats` has the same paths for 
     params['projection_hidden_{i}']['kernel' | 'bias'] [F or hidden, hidden], i < hidden_layers
     params['projection_bn_{i}']['scale' | 'bias']      [hidden]
     params['projection_out']['kernel' | 'bias']        [hidden or F, proj_dim]
-    params['predictor']['kernel' | 'bias']             [proj_dim, proj_dim]
+    params['predictor_bn_in']['scale' | 'bias']        [proj_dim]
+    params['predictor_hidden']['kernel' | 'bias']      [proj_dim, hidden]
+    params['predictor_bn']['scale' | 'bias']           [hidden]
+    params['predictor_out']['kernel' | 'bias']         [hidden, proj_dim]
     params['centroids']                                [proj_dim, K] float32
 
 The backbone sits under 'backbone' as in `SwAVModel`, so the evaluation code
@@ -22,21 +26,25 @@ network's backbone unchanged.
 Centroids. Each centroid is a column of `params['centroids']`, L2-normalised inside the
 forward (the release's `weight_norm` with the gain fixed to 1), so gradients reach the
 stored vectors through the normalisation and weight decay acts on the stored vectors.
-Gradients reach the centroids only through the h path of the *global* views (the crops
-of the first resolution group); the local crops' h path and the whole predictor path
-see them through `stop_gradient` (the release's `local_crop_grads=False`,
-`predictor_grads=False`). Initialised as random unit vectors; the trainer then replaces
+The h path is computed for the *global* views (the crops of the first resolution group)
+only: the loss pairs no local crop with it (`swav_jax.balancing.excb_loss`). Gradients
+reach the centroids only through it; the predictor path sees them through
+`stop_gradient` (the release's `predictor_grads=False`). Initialised as random unit vectors; the trainer then replaces
 them, as the release does, by spherical k-means centroids of the teacher's projections
 (`swav_jax.train.excb_centroids`, `excb.init_samples`).
 
-Layout vs. the release (ManiadisG/ExCB, `MLPBottleneckClassifier`): the projection MLP
-matches it (2 hidden layers of 2048 with BN and ReLU, out 256, no BN on the output;
-Linear kernels truncated-normal std 0.02, biases 0). The predictor follows SPEC §10 (one
-Linear layer on p, PyTorch's default Linear init); the release's predictor is BN(256) ->
-Linear(256, 2048) -> BN -> ReLU -> Linear(2048, 256).
+Layout as the release's (ManiadisG/ExCB, `MLPBottleneckClassifier` with
+`predictor_activation: bn`): the projection MLP has 2 hidden layers of 2048 with BN and
+ReLU, out 256, no BN on the output; the predictor (SPEC §10's "1 layer": one hidden
+layer) is BN(256) -> Linear(256, 2048) -> BN -> ReLU -> Linear(2048, 256); every Linear
+kernel truncated-normal std 0.02, biases 0. The predictor's input BN matters: it removes
+the batch mean of p, so the predictor path (half the loss, and all of the local crops'
+share) cannot lower the loss by moving every projection the same way; with one plain
+Linear layer instead the demo's projections collapsed onto one direction
+(docs/COMPARISON.md).
 
-Precision: the backbone and the hidden layers compute in `dtype`; the output layer, the
-predictor, the normalisations and the similarities compute in float32 (similarities at
+Precision: the backbone and the hidden layers compute in `dtype`; the output layers, the
+predictor's input BN, the normalisations and the similarities compute in float32 (similarities at
 HIGHEST matmul precision): the teacher's are divided by 0.04 before the softmax.
 """
 
@@ -49,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from swav_jax.models.resnet import ARCHS, ResNet, batch_norm, resnet
-from swav_jax.models.swav import l2_normalize, torch_linear_bias_init, torch_linear_kernel_init
+from swav_jax.models.swav import l2_normalize
 
 CENTROIDS = "centroids"
 
@@ -72,7 +80,7 @@ class ExCBModel(nn.Module):
 
     Attributes:
       arch, width, small_stem, base_width: the ResNet backbone (as `SwAVModel`).
-      hidden_dim: width of the projection MLP's hidden layers (2048).
+      hidden_dim: width of the projection MLP's and the predictor's hidden layers (2048).
       hidden_layers: hidden layers of the projection MLP (2 in the release); 0 makes it
         a single Linear(F, proj_dim).
       proj_dim: projection (bottleneck) size (256).
@@ -114,16 +122,13 @@ class ExCBModel(nn.Module):
         self.projection_hidden = [dense(self.hidden_dim, self.dtype) for _ in range(self.hidden_layers)]
         self.projection_bn = [batch_norm(self.dtype, self.bn_axis_name) for _ in range(self.hidden_layers)]
         self.projection_out = dense(self.proj_dim, jnp.float32)
-        # The one-layer predictor keeps PyTorch's default Linear init (as SwAV's head): with
-        # std 0.02 its output would be ~50x shorter than its input, and the L2 norm after
-        # it would scale the gradients up by as much.
-        self.predictor = nn.Dense(
-            self.proj_dim,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=torch_linear_kernel_init,
-            bias_init=torch_linear_bias_init(self.proj_dim),
-        )
+        # Two-pass variance: p can sit far from the origin with a small spread across the
+        # batch (the direction collapse this BN is there to undo), where flax's default
+        # E[x^2] - E[x]^2 cancels catastrophically in float32.
+        self.predictor_bn_in = batch_norm(jnp.float32, self.bn_axis_name, use_fast_variance=False)
+        self.predictor_hidden = dense(self.hidden_dim, self.dtype)
+        self.predictor_bn = batch_norm(self.dtype, self.bn_axis_name)
+        self.predictor_out = dense(self.proj_dim, jnp.float32)
         self.centroids = self.param(CENTROIDS, _unit_columns_init, (self.proj_dim, self.num_clusters))
 
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -173,35 +178,39 @@ class ExCBModel(nn.Module):
         v, b, d = p.shape
         return _cosine(p.reshape(v * b, d), self._unit_centroids()).reshape(v, b, -1)
 
+    def _predict(self, p: jax.Array, train: bool) -> jax.Array:
+        """[N, proj_dim] -> [N, proj_dim] float32: the predictor g on projections p."""
+        x = self.predictor_bn_in(p, use_running_average=not train)
+        x = nn.relu(self.predictor_bn(self.predictor_hidden(x), use_running_average=not train))
+        return self.predictor_out(x.astype(jnp.float32))
+
     def __call__(self, crops: Sequence[jax.Array], train: bool) -> tuple[jax.Array, jax.Array]:
         """The student's multi-crop forward.
 
         Each resolution group runs through the backbone as one batch (BN statistics per
         group); pooled features of all V = sum_g num_crops_g crops go through the
-        projection MLP together.
+        projection MLP, and the projections through the predictor, together.
 
         Args:
           crops: one array per resolution group, [num_crops_g, B, H_g, W_g, 3] float,
-            normalised; the first group holds the global crops.
+            normalised; the first group holds the G global crops.
           train: BN uses batch statistics (and updates running ones when `batch_stats`
             is mutable) if True.
 
         Returns:
-          similarities: [V, B, K] float32, h path; centroid gradients from the global
-            crops (crops[0]) only.
-          predictor_similarities: [V, B, K] float32, predictor path; no centroid gradient.
+          similarities: [G, B, K] float32, h path of the global crops (crops[0]); the
+            centroids' only gradient.
+          predictor_similarities: [V, B, K] float32, predictor path of all crops; no
+            centroid gradient.
         """
         p = self._project(crops, train)
         v, b, d = p.shape
         num_global = crops[0].shape[0]
-        centroids = self._unit_centroids()
-        fixed = jax.lax.stop_gradient(centroids)
         flat = p.reshape(v * b, d)
-        h_global = _cosine(flat[: num_global * b], centroids)
-        h_local = _cosine(flat[num_global * b:], fixed)
-        similarities = jnp.concatenate([h_global, h_local], axis=0).reshape(v, b, -1)
-        predictor_similarities = _cosine(self.predictor(flat), fixed).reshape(v, b, -1)
-        return similarities, predictor_similarities
+        centroids = self._unit_centroids()
+        similarities = _cosine(flat[: num_global * b], centroids).reshape(num_global, b, -1)
+        predictor_similarities = _cosine(self._predict(flat, train), jax.lax.stop_gradient(centroids))
+        return similarities, predictor_similarities.reshape(v, b, -1)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

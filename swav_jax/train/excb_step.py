@@ -3,7 +3,8 @@
 Per device, in the release's order:
   1. augment the uint8 crops (the SwAV step's `augment_views`: same keys, same batch);
   2. teacher forward on the global crops (first resolution group), BN in train mode;
-  3. student forward on all crops: h-path and predictor-path similarities;
+  3. student forward on all crops: h-path similarities of the global crops,
+     predictor-path similarities of all crops;
   4. `excb_loss` with the tracker's sizes from before this step; gradients averaged
      over devices; SGD update;
   5. teacher <- m * teacher + (1 - m) * student (the updated student), m on a cosine
@@ -92,7 +93,6 @@ def make_train_step(
     """
     excb = config.excb
     compute_dtype = jnp.dtype(config.model.dtype)
-    global_views = tuple(range(int(config.crops.num_crops[0])))
     momentum = teacher_momentum(float(excb.teacher_momentum), total_steps)
     temperatures = dict(
         teacher_temperature=float(excb.teacher_temperature),
@@ -116,7 +116,7 @@ def make_train_step(
                 {"params": p, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
             )
             loss = balancing.excb_loss(
-                teacher, student, predictor, state.cluster_sizes, global_views=global_views, **temperatures
+                teacher, student, predictor, state.cluster_sizes, **temperatures
             )
             return loss, new_vars["batch_stats"]
 
