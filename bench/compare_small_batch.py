@@ -13,7 +13,7 @@ Writes docs/COMPARISON.md (settings, command, machine, table) and
 docs/compare_small_batch_usage.png (training loss; sorted cluster sizes). Training resumes from
 --workdir, so a re-run only evaluates.
 
-    python bench/compare_small_batch.py --workdir /tmp/compare --epochs 20
+    python bench/compare_small_batch.py --workdir /tmp/compare --epochs 80
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
         f"{c.excb.centroid_weight_decay_end}, centroids initialised by spherical k-means of the "
         f"teacher's projections of the training images, teacher EMA {c.excb.teacher_momentum} -> 1, tracker momentum "
         f"{c.excb.tracker_momentum}, temperatures {c.excb.teacher_temperature} / {c.excb.student_temperature}, "
-        f"head {c.excb.hidden_layers} x {c.excb.hidden_dim} -> {c.excb.proj_dim}). The evaluated "
+        f"head {c.excb.hidden_layers} x {c.excb.hidden_dim} -> {c.excb.proj_dim}, predictor BN -> "
+        f"{c.excb.hidden_dim} -> {c.excb.proj_dim}; docs/EXCB_DEMO.md says why these settings). The evaluated "
         "network is the EMA teacher.",
         "",
         "kNN: weighted 20-NN (temperature 0.07) on L2-normalised pooled backbone features, train "
@@ -229,7 +230,7 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--clusters", type=int, default=128)
     parser.add_argument("--queue-length", type=int, default=384)

@@ -38,7 +38,10 @@ def _config():
     c.excb.proj_dim = 16
     c.excb.teacher_momentum = 0.9  # far from 1, so the EMA is visible in a few steps
     c.excb.tracker_momentum = 0.5
-    c.optim.base_lr = 0.02  # small steps: sharded and single-device runs stay comparable
+    # Small steps keep sharded and single-device runs comparable: on random crops the
+    # predictor's input BN (over projections of std ~0.01 at init) makes the first
+    # gradient norm ~50, and each step amplifies float32 summation-order differences.
+    c.optim.base_lr = 0.005
     c.optim.final_lr = 0.0
     c.optim.start_warmup = 0.0
     c.optim.warmup_epochs = 0
@@ -171,7 +174,7 @@ def test_metrics_keys_and_ranges(single_run):
     sizes = np.float64(states[1].cluster_sizes) * config.excb.num_clusters
     np.testing.assert_allclose(history[1]["train/max_relative_size"], sizes.max(), rtol=1e-5)
     np.testing.assert_allclose(history[1]["train/min_relative_size"], sizes.min(), rtol=1e-5)
-    np.testing.assert_allclose(history[1]["train/lr"], cosine_ref(0.02, 0.0, 1, TOTAL_STEPS), rtol=1e-5)
+    np.testing.assert_allclose(history[1]["train/lr"], cosine_ref(config.optim.base_lr, 0.0, 1, TOTAL_STEPS), rtol=1e-5)
 
 
 # ---- the model -------------------------------------------------------------------------
