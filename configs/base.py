@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     # none, as in the release); LARS keys are not read. Recipes: configs/excb_*.py.
     c.excb = ml_collections.ConfigDict()
     c.excb.num_clusters = 65536  # K centroids
-    c.excb.hidden_dim = 2048  # projection MLP hidden width
+    c.excb.hidden_dim = 2048  # hidden width of the projection MLP and of the predictor
     c.excb.hidden_layers = 2  # projection MLP hidden layers (the release's mlp_hidden_layers)
     c.excb.proj_dim = 256  # projection / centroid dimension
     c.excb.teacher_temperature = 0.04
