@@ -174,7 +174,8 @@ def test_metrics_keys_and_ranges(single_run):
     sizes = np.float64(states[1].cluster_sizes) * config.excb.num_clusters
     np.testing.assert_allclose(history[1]["train/max_relative_size"], sizes.max(), rtol=1e-5)
     np.testing.assert_allclose(history[1]["train/min_relative_size"], sizes.min(), rtol=1e-5)
-    np.testing.assert_allclose(history[1]["train/lr"], cosine_ref(config.optim.base_lr, 0.0, 1, TOTAL_STEPS), rtol=1e-5)
+    expected_lr = cosine_ref(config.optim.base_lr, 0.0, 1, TOTAL_STEPS)
+    np.testing.assert_allclose(history[1]["train/lr"], expected_lr, rtol=1e-5)
 
 
 # ---- the model -------------------------------------------------------------------------
@@ -217,7 +218,9 @@ def test_predictor_is_the_release_mlp(model_and_variables):
     """g(p) = Linear(ReLU(BN(Linear(BN(p))))) with BN over all crops of the batch, as the
     release's predictor (`predictor_activation: bn`, one hidden layer), in float64."""
     config, model, variables, crops = model_and_variables
-    _, state = model.apply(variables, crops, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"])
+    _, state = model.apply(
+        variables, crops, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"]
+    )
     params = variables["params"]
     p = np.float64(state["intermediates"]["projection_out"]["__call__"][0])  # [V * B, D]
 
@@ -232,7 +235,8 @@ def test_predictor_is_the_release_mlp(model_and_variables):
     expected = dense(hidden, "predictor_out")
     assert params["predictor_hidden"]["kernel"].shape == (config.excb.proj_dim, config.excb.hidden_dim)
     assert params["predictor_out"]["kernel"].shape == (config.excb.hidden_dim, config.excb.proj_dim)
-    np.testing.assert_allclose(state["intermediates"]["predictor_out"]["__call__"][0], expected, rtol=1e-4, atol=1e-5)
+    predicted = state["intermediates"]["predictor_out"]["__call__"][0]
+    np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-5)
     # The input BN takes out the batch mean: moving every projection alike changes nothing.
     shifted = jax.tree.map(jnp.copy, variables)
     shifted["params"]["projection_out"]["bias"] = shifted["params"]["projection_out"]["bias"] + 3.0

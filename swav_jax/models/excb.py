@@ -44,8 +44,9 @@ cannot move every projection the same way. With one Linear layer as the predicto
 demo reached a similar loss but 74.2% instead of 88.1% 20-NN (docs/EXCB_DEMO.md).
 
 Precision: the backbone and the hidden layers compute in `dtype`; the output layers, the
-predictor's input BN, the normalisations and the similarities compute in float32 (similarities at
-HIGHEST matmul precision): the teacher's are divided by 0.04 before the softmax.
+predictor's input BN, the normalisations and the similarities compute in float32
+(similarities at HIGHEST matmul precision): the teacher's are divided by 0.04 before the
+softmax.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ExCBModel(nn.Module):
         self.projection_bn = [batch_norm(self.dtype, self.bn_axis_name) for _ in range(self.hidden_layers)]
         self.projection_out = dense(self.proj_dim, jnp.float32)
         # Two-pass variance: p can sit far from the origin with a small spread across the
-        # batch (the direction collapse this BN is there to undo), where flax's default
+        # batch (every projection pointing the same way), where flax's default
         # E[x^2] - E[x]^2 cancels catastrophically in float32.
         self.predictor_bn_in = batch_norm(jnp.float32, self.bn_axis_name, use_fast_variance=False)
         self.predictor_hidden = dense(self.hidden_dim, self.dtype)
