@@ -187,9 +187,9 @@ def excb_loss(
     teacher view with the other teacher views and with every predictor output), not
     SPEC's "all other student views": with the local crops in the h path as well, the
     demo's projections collapsed onto one direction and the loss stayed near ln(K)
-    (docs/EXCB_DEMO.md). The release then averages its 1 + V pairs equally; the half
-    weights did a little better on the demo (one run each). A collapsed model sits at
-    ln(K).
+    (docs/EXCB_DEMO.md). The release then averages its 1 + V pairs equally; SPEC's half
+    weights are kept (the demo's runs cannot tell the two apart). A collapsed model sits
+    at ln(K).
 
     Gradients flow into `student_similarities` and `predictor_similarities` only: the
     targets are stop-gradient. (Which parameters those scores reach, e.g. the centroids

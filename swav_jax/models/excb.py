@@ -40,8 +40,8 @@ ReLU, out 256, no BN on the output; the predictor (SPEC §10's "1 layer": one hi
 layer) is BN(256) -> Linear(256, 2048) -> BN -> ReLU -> Linear(2048, 256); every Linear
 kernel truncated-normal std 0.02, biases 0. The predictor's input BN removes the batch
 mean of p, so the predictor path (half the loss, and all of the local crops' share)
-cannot move every projection the same way. With one Linear layer as the predictor, the
-demo reached a similar loss but 74.2% instead of 88.1% 20-NN (docs/EXCB_DEMO.md).
+cannot move every projection the same way. (docs/EXCB_DEMO.md has single runs with one
+Linear layer as the predictor instead.)
 
 Precision: the backbone and the hidden layers compute in `dtype`; the output layers, the
 predictor's input BN, the normalisations and the similarities compute in float32
