@@ -2,15 +2,16 @@
 
 1,437 training digits (8x8, upscaled to 16 px), the demo's narrow ResNet-18 with the
 small-image stem and its mild augmentation, 2 x 16 px + 4 x 8 px crops, 80 epochs; ExCB's
-teacher sees the two 16 px crops. Measured (2-core CPU, ~4.5 minutes): 88.1% weighted
-20-NN on the test digits, random init 78.3% (seed 0; seeds 1 and 2: 88.9 vs 77.2 and
-78.9 vs 80.6, docs/EXCB_DEMO.md). Short-run settings, from a measured ablation
+teacher sees the two 16 px crops. Measured (2-core CPU, ~4.5 minutes): 88.6% weighted
+20-NN on the test digits, random init 78.3% (seed 0; seeds 1 and 2: 90.3 vs 77.2 and
+93.1 vs 80.6). Short-run settings, from a measured ablation and seed runs
 (docs/EXCB_DEMO.md):
   - teacher temperature 0.01 (the paper: 0.04). This small head's cosine similarities
     differ little between clusters (top-1 minus top-2 about 0.02 at init), so at 0.04
     the teacher's targets are nearly uniform (confidence below 0.07) and in 880 steps
     the features beat random init by 2.5 points at most; 0.01 and 0.02 learned.
-  - lr 0.6 per 256 images (the paper: 0.15), for a short run.
+  - lr 0.3 per 256 images (the paper: 0.15). At 0.6 one of three seeds learned the
+    pretext task but ended below its random init (78.9 vs 80.6).
   - tracker momentum 0.99 (the paper: 0.999, an average over ~1,000 steps, for runs of
     ~500k steps) and teacher EMA from 0.99 (the paper: 0.996 over 400 ImageNet epochs),
     for a run of 3,520 steps; neither was tuned here.
@@ -35,8 +36,8 @@ def get_config():
     c.excb.teacher_momentum = 0.99
     c.excb.tracker_momentum = 0.99
 
-    c.optim.base_lr = 0.6  # per 256 images
-    c.optim.final_lr = 0.6e-4
+    c.optim.base_lr = 0.3  # per 256 images
+    c.optim.final_lr = 0.3e-4
     c.optim.start_warmup = 0.0
     c.optim.warmup_epochs = 1
     c.optim.scale_lr_with_batch = True
