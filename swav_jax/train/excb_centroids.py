@@ -4,10 +4,9 @@ The release (ManiadisG/ExCB, `Trainer.init_centroids`) starts training from cent
 clustered on the data, not from random directions: before the first step it projects
 `clustering_samples` training images with the teacher, runs 50 iterations of spherical
 k-means on the L2-normalised projections (initialised at K random samples) and copies the
-centroids into student and teacher. Random unit centroids in the projection space
-give every sample nearly the same similarity profile (all projections of a fresh network
-point into a narrow cone), and on small data the balanced teacher then never becomes
-confident: the loss stays at ln(K) (seen on the digits, docs/COMPARISON.md).
+centroids into student and teacher, so that every centroid starts where projections
+are. (On the digits this alone did not make ExCB learn; the loss pairing and the
+teacher temperature did: docs/EXCB_DEMO.md.)
 
 Differences from the release, kept deliberately: the images are the training split's
 first `excb.init_samples` images after the evaluation transform (resize + centre crop at
