@@ -11,10 +11,17 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_config
-from train_helpers import assert_trees_close, build, random_batches, single_device_mesh
+from train_helpers import (
+    assert_within_reordering_noise,
+    build,
+    permuted,
+    random_batches,
+    run_steps,
+    single_device_mesh,
+    without_colour_augmentation,
+)
 from swav_jax.eval.run import load_variables
 from swav_jax.train.loop import NonFiniteLossError, make_mesh, train
 from swav_jax.train.validate import ConfigError, validate_config
@@ -23,27 +30,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_steps(config, mesh, data_axis, bn_group_axis, batches, steps_per_epoch=10):
-    state, step = build(config, mesh, data_axis, bn_group_axis, steps_per_epoch)
-    sharding = NamedSharding(mesh, P(None, data_axis))
-    history = []
-    for crops in batches:
-        batch = {"crops": tuple(jax.device_put(c, sharding) for c in crops)}
-        state, metrics = step(state, batch)
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
+    """(final host state, host metrics of each step) of one run."""
+    [(states, history)] = run_steps(config, mesh, data_axis, bn_group_axis, [batches], steps_per_epoch)
+    return states[-1], history
 
 
 def test_sharded_step_equals_single_device():
-    config = tiny_config.get_config()
+    # The device augmentation's sharding invariance is tested on its own
+    # (test_data_augment); without it, permuted batches measure the float32 noise.
+    config = without_colour_augmentation(tiny_config.get_config())
     batches = random_batches(config, 2)
     mesh8, axes, groups = make_mesh(config)
     assert mesh8.devices.size == 8
-    sharded, m8 = _run_steps(config, mesh8, axes, groups, batches)
-    single, m1 = _run_steps(config, single_device_mesh(), ("data", "bn"), None, batches)
-    for a, b in zip(m8, m1):
-        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
-    assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
-    assert_trees_close(sharded.batch_stats, single.batch_stats, rtol=1e-4, atol=1e-5)
+    [(sharded, m8)] = run_steps(config, mesh8, axes, groups, [batches])
+    runs = run_steps(
+        config, single_device_mesh(), ("data", "bn"), None, [batches, permuted(batches, 1), permuted(batches, 3)]
+    )
+    (single, m1), reorderings = runs[0], runs[1:]
+    assert_within_reordering_noise(m8, m1, [history for _, history in reorderings])
+    assert_within_reordering_noise(_trained(sharded), _trained(single), [_trained(s) for s, _ in reorderings])
+
+
+def _trained(states):
+    return {"params": states[-1].params, "batch_stats": states[-1].batch_stats}
 
 
 def test_bn_groups_keep_state_replicated_and_train():
@@ -111,7 +120,7 @@ def test_multiprocess_equals_single_process(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     single = tmp_path / "single.npz"
     subprocess.run(
-        [sys.executable, "tests/train_worker.py", str(single)],
+        [sys.executable, "tests/train_worker.py", str(single), "--reorderings", "2"],
         cwd=ROOT, check=True, timeout=300,
         env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
     )
@@ -121,12 +130,13 @@ def test_multiprocess_equals_single_process(tmp_path):
         cwd=ROOT, check=True, timeout=300, env=env,
     )
     a, b = np.load(single), np.load(multi)
-    assert sorted(a.files) == sorted(b.files)
-    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
-    # Reduction order differs between the layouts; three LARS steps at lr 1.5 amplify
-    # float32 rounding to ~5e-5 in a few weights.
-    for name in a.files:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=2e-4, err_msg=name)
+    assert sorted(_worker_run(b, 0)) == sorted(_worker_run(a, 0)) and len(_worker_run(a, 0)) > 60
+    assert_within_reordering_noise(_worker_run(b, 0), _worker_run(a, 0), [_worker_run(a, 1), _worker_run(a, 2)])
+
+
+def _worker_run(npz, r):
+    """Run r of a train_worker.py output: {name: array}."""
+    return {k[len(f"r{r}_"):]: npz[k] for k in npz.files if k.startswith(f"r{r}_")}
 
 
 def test_cli_training_across_two_processes_checkpoints_and_resumes(tmp_path):
