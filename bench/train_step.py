@@ -144,7 +144,8 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from swav_jax.models import build_model, sync_bn_mesh_shape
+    from swav_jax.models import build_model
+    from swav_jax.train.mesh import make_mesh
     from swav_jax.train import optim
     from swav_jax.train.step import init_state, make_train_step
     from swav_jax.train.validate import validate_config
@@ -157,9 +158,7 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     config = make_config(args, num_crops, size_crops, batch * n_dev)
     validate_config(config, num_devices=n_dev, num_processes=1)
 
-    # The trainer's mesh (swav_jax.train.loop.make_mesh) on the chosen devices.
-    mesh = jax.make_mesh(sync_bn_mesh_shape(n_dev, 0), ("data", "bn"), devices=devices)
-    data_axis = ("data", "bn")
+    mesh, data_axis, _ = make_mesh(config, devices)
     steps_per_epoch = 1000
     schedule = optim.lr_schedule(config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs),
                                  batch_size=config.batch_size)

@@ -30,7 +30,8 @@ from swav_jax.eval.plots import plot_metrics
 from swav_jax.eval.run import feature_fn, load_variables
 from swav_jax.models.excb import ExCBModel, build_excb_model
 from swav_jax.train import excb_centroids, excb_optim
-from swav_jax.train.loop import make_mesh, train
+from swav_jax.train.loop import train
+from swav_jax.train.mesh import make_mesh
 from swav_jax.train.step import augment_views
 from swav_jax.train.validate import ConfigError, validate_config
 

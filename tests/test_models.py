@@ -22,8 +22,8 @@ from swav_jax.models import (
     build_model,
     normalize_prototypes,
     resnet,
-    sync_bn_mesh_shape,
 )
+from swav_jax.train.mesh import sync_bn_mesh_shape
 
 # Blocks per stage and block kind, from the ResNet paper (He et al. 2016, Table 1).
 LAYOUTS = {

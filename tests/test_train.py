@@ -23,7 +23,8 @@ from train_helpers import (
     without_colour_augmentation,
 )
 from swav_jax.eval.run import load_variables
-from swav_jax.train.loop import NonFiniteLossError, make_mesh, train
+from swav_jax.train.loop import NonFiniteLossError, train
+from swav_jax.train.mesh import make_mesh
 from swav_jax.train.validate import ConfigError, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,7 +35,7 @@ def main():
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from swav_jax.train.loop import make_mesh
+    from swav_jax.train.mesh import make_mesh
     from train_helpers import build, permuted, random_batches, without_colour_augmentation
 
     if args.reorderings and jax.process_count() > 1:

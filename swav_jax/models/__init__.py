@@ -7,7 +7,6 @@ from swav_jax.models.swav import (
     build_model,
     normalize_prototypes,
 )
-from swav_jax.models.sync_bn import sync_bn_mesh_shape
 
 __all__ = [
     "ARCHS",
@@ -17,5 +16,4 @@ __all__ = [
     "build_model",
     "normalize_prototypes",
     "resnet",
-    "sync_bn_mesh_shape",
 ]

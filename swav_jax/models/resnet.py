@@ -25,7 +25,7 @@ CIFAR-style recipes for 32-96 px images).
 
 Cross-device BatchNorm: `bn_axis_name` names the mapped axis (or tuple of axes) of an
 enclosing `jax.shard_map` over which batch statistics are averaged. For groups of
-devices, see `swav_jax.models.sync_bn_mesh_shape`.
+devices, see `swav_jax.train.mesh`.
 
 Parameter tree (flax names): `stem_conv`, `stem_bn`, then `stage{s}_block{b}`
 (s = 1..4, b = 0..) each holding `conv1`, `bn1`, `conv2`, `bn2` (+ `conv3`, `bn3` for

@@ -248,7 +248,7 @@ def build_model(model_config: Any, bn_axis_name: str | tuple[str, ...] | None = 
 
     Reads arch, width, small_stem, hidden_dim, proj_dim, num_prototypes, dtype and, if
     present, base_width. `sync_bn_group_size` is the trainer's business: it shapes the
-    mesh (see `sync_bn_mesh_shape`) and picks `bn_axis_name`.
+    mesh (`swav_jax.train.mesh`) and picks `bn_axis_name`.
 
     Args:
       model_config: `config.model`.

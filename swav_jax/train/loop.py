@@ -16,30 +16,17 @@ from jax.experimental import multihost_utils
 
 from swav_jax.data import pipeline
 from swav_jax.eval.run import knn_eval, random_init_variables
-from swav_jax.models import build_model, sync_bn_mesh_shape
+from swav_jax.models import build_model
 from swav_jax.models.excb import build_excb_model
 from swav_jax.train import excb_centroids, excb_optim, excb_step, optim
 from swav_jax.train.errors import NonFiniteLossError
 from swav_jax.train.checkpoint import Checkpointer, abstract_like
+from swav_jax.train.mesh import make_mesh
 from swav_jax.train.metrics import MetricsWriter, Progress
 from swav_jax.train.step import init_state, make_train_step
 from swav_jax.train.validate import effective_queue_length, validate_config
 
 log = logging.getLogger("swav_jax")
-
-
-def make_mesh(config: ml_collections.ConfigDict):
-    """The data-parallel mesh over all devices of all processes.
-
-    A 2-D mesh ('data', 'bn') of shape (devices / g, g) with g =
-    `model.sync_bn_group_size` (0: all devices): the batch is split over both axes,
-    BatchNorm reduces over 'bn' only (groups of g devices, as the paper's groups of 8
-    GPUs), everything else over both. Returns (mesh, data_axes, bn_group_axis) where
-    bn_group_axis is 'data' when there are several groups, else None.
-    """
-    shape = sync_bn_mesh_shape(jax.device_count(), int(config.model.sync_bn_group_size))
-    mesh = jax.make_mesh(shape, ("data", "bn"))
-    return mesh, ("data", "bn"), ("data" if shape[0] > 1 else None)
 
 
 class _StopFlag:
