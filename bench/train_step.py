@@ -144,10 +144,8 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from swav_jax.models import build_model
-    from swav_jax.train.mesh import make_mesh
-    from swav_jax.train import optim
-    from swav_jax.train.step import init_state, make_train_step
+    from swav_jax.mesh import data_axes, make_mesh
+    from swav_jax.methods import get_method
     from swav_jax.train.validate import validate_config
 
     num_crops, size_crops = step_common.parse_crops(spec)
@@ -158,19 +156,16 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     config = make_config(args, num_crops, size_crops, batch * n_dev)
     validate_config(config, num_devices=n_dev, num_processes=1)
 
-    mesh, data_axis, _ = make_mesh(config, devices)
+    mesh = make_mesh(config, devices)
     steps_per_epoch = 1000
-    schedule = optim.lr_schedule(config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs),
-                                 batch_size=config.batch_size)
-    optimizer = optim.make_optimizer(config.optim, schedule, freeze_mask=optim.prototype_mask,
-                                     freeze_steps=int(config.swav.freeze_prototypes_niters))
-    model = build_model(config.model, bn_axis_name="bn")
-    state = init_state(config, model.clone(bn_axis_name=None), optimizer, mesh, data_axis=data_axis)
-    train_step = make_train_step(config, model, optimizer, schedule, mesh, steps_per_epoch=steps_per_epoch,
-                                 data_axis=data_axis, bn_group_axis=None)
+    # The trainer's own program (swav_jax.train.loop.train builds the same).
+    program = get_method(config.method).build(
+        config, mesh, steps_per_epoch=steps_per_epoch, total_steps=int(config.epochs) * steps_per_epoch
+    )
+    state, train_step = program.init_state(), program.train_step
 
     rng = np.random.default_rng(0)
-    sharding = NamedSharding(mesh, P(None, data_axis))
+    sharding = NamedSharding(mesh, P(None, data_axes(mesh)))
     crops = tuple(
         jax.device_put(rng.integers(0, 256, (n, batch * n_dev, s, s, 3), dtype=np.uint8), sharding)
         for n, s in zip(num_crops, size_crops)
@@ -217,7 +212,7 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
         row["peak_gb"] = stats["peak_bytes_in_use"] / 1e9
     rows = [row]
     if args.e2e:
-        rows += run_e2e(args, config, mesh, data_axis, compiled, state, common, fpi, peak)
+        rows += run_e2e(args, config, mesh, data_axes(mesh), compiled, state, common, fpi, peak)
     return info, rows
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from absl import flags
@@ -77,11 +78,32 @@ def _distributed_init(mode: str) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+class _Preemption:
+    """SIGTERM (a preemption notice) sets a flag the trainer polls: it saves a checkpoint
+    and returns instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
 def _train(args, config_args):
+    config = load_config(config_args)
     _distributed_init(args.distributed)
     from swav_jax.train.loop import train
 
-    train(load_config(config_args), args.workdir, max_steps=args.max_steps)
+    with _Preemption() as preemption:
+        train(config, args.workdir, max_steps=args.max_steps, stop_requested=lambda: preemption.requested)
 
 
 def _show_crops(args, config_args):
@@ -177,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from swav_jax.train.errors import ConfigError, NonFiniteLossError
+    from swav_jax.errors import ConfigError, NonFiniteLossError
 
     try:
         args.run(args, config_args)

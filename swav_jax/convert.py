@@ -429,13 +429,21 @@ def _host_target(metadata: Any) -> Any:
     return jax.ShapeDtypeStruct(metadata.shape, metadata.dtype, sharding=device)
 
 
-def load_variables(path: str) -> dict[str, Any]:
-    """{'params', 'batch_stats'} from a converted DIR, or from an orbax StandardSave holding
-    them at its top level (e.g. a training checkpoint's `checkpoints/<step>/state`), saved
-    on any device topology.
+def _eval_fields(state_dir: str) -> tuple[str, str]:
+    """The fields of a training state that hold the network to evaluate or export, as its
+    checkpoint's `method` item records them (`train.checkpoint.Checkpointer`)."""
+    record = os.path.join(os.path.dirname(state_dir), "method", "metadata")
+    if os.path.basename(state_dir) != "state" or not os.path.isfile(record):
+        return ("params", "batch_stats")
+    with open(record) as f:
+        params, batch_stats = json.load(f)["eval_fields"]
+    return params, batch_stats
 
-    From an ExCB training state (it has 'teacher_params') these are the EMA teacher's, the
-    network ExCB evaluates."""
+
+def load_variables(path: str) -> dict[str, Any]:
+    """{'params', 'batch_stats'} from a converted DIR, or from a training checkpoint's
+    `checkpoints/<step>/state` (for ExCB: its EMA teacher, the network it evaluates),
+    saved on any device topology."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -443,14 +451,13 @@ def load_variables(path: str) -> dict[str, Any]:
         path = os.path.join(path, "variables")
     if not os.path.isdir(path):
         raise ValueError(f"no orbax checkpoint at {path}")
+    params, batch_stats = _eval_fields(path)
     checkpointer = ocp.StandardCheckpointer()
     saved = checkpointer.metadata(path).item_metadata.tree
-    if not isinstance(saved, Mapping) or "params" not in saved:
-        raise ValueError(f"the checkpoint at {path} has no top-level 'params'")
+    if not isinstance(saved, Mapping) or params not in saved:
+        raise ValueError(f"the checkpoint at {path} has no top-level {params!r}")
     restored = checkpointer.restore(path, _host_target(saved))
-    if "teacher_params" in restored:
-        return {"params": restored["teacher_params"], "batch_stats": restored.get("teacher_batch_stats", {})}
-    return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    return {"params": restored[params], "batch_stats": restored.get(batch_stats, {})}
 
 
 def load_pretrained(directory: str) -> tuple[SwAVModel, dict[str, Any]]:

@@ -37,7 +37,7 @@ def test_torch_baseline_sinkhorn_and_loss_match_swav_jax():
 
 
 def test_torch_baseline_larc_matches_swav_jax_optimizer():
-    from swav_jax.train.optim import scale_by_larc
+    from swav_jax.optim import scale_by_larc
 
     rng = np.random.default_rng(1)
     shapes = [(3, 4), (5,), (2, 2)]

@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.base import get_config
 from swav_jax.data import augment
-from swav_jax.train.step import augment_views
+from swav_jax.errors import ConfigError
+from swav_jax.train.validate import validate_config
 
 GREY = np.array([0.2989, 0.587, 0.114])
 
@@ -185,9 +186,10 @@ def test_augment_crops_identity_when_all_off(cfg):
 def test_bad_arguments(cfg):
     with pytest.raises(ValueError, match="uint8"):
         augment.augment_crops(jax.random.key(0), jnp.zeros((2, 8, 8, 3), jnp.float32), cfg)
-    cfg.blur_kernel_size = 4
-    with pytest.raises(ValueError, match="blur_kernel_size"):
-        augment.augment_crops(jax.random.key(0), jnp.zeros((2, 8, 8, 3), jnp.uint8), cfg)
+    config = get_config()  # bad settings are the config validation's to report
+    config.augment.blur_kernel_size = 4
+    with pytest.raises(ConfigError, match="augment.blur_kernel_size"):
+        validate_config(config, num_devices=1, num_processes=1)
 
 
 def test_augment_views_do_not_depend_on_the_sharding(cfg):
@@ -202,7 +204,7 @@ def test_augment_views_do_not_depend_on_the_sharding(cfg):
     def views(devices):
         mesh = jax.make_mesh((1, len(devices)), ("data", "bn"), devices=devices)
         spec = P(None, ("data", "bn"))
-        local = lambda k, s, *c: tuple(augment_views(k, s, c, cfg, dtype=jnp.float32, data_axis=("data", "bn")))
+        local = lambda k, s, *c: tuple(augment.augment_views(k, s, c, cfg, dtype=jnp.float32, data_axis=("data", "bn")))
         fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), spec, spec), out_specs=spec))
         placed = [jax.device_put(c, NamedSharding(mesh, spec)) for c in crops]
         return [np.asarray(v) for v in fn(key, step, *placed)]

@@ -20,6 +20,7 @@ import tiny_config
 from train_helpers import (
     assert_trees_close,
     assert_within_reordering_noise,
+    build,
     permuted,
     random_batches,
     run_steps,
@@ -28,12 +29,13 @@ from train_helpers import (
 )
 from swav_jax.eval.plots import plot_metrics
 from swav_jax.eval.run import feature_fn, load_variables
+from swav_jax.data.augment import augment_views
+from swav_jax.errors import ConfigError
+from swav_jax.mesh import make_mesh
+from swav_jax.methods import excb
 from swav_jax.models.excb import ExCBModel, build_excb_model
-from swav_jax.train import excb_centroids, excb_optim
 from swav_jax.train.loop import train
-from swav_jax.train.mesh import make_mesh
-from swav_jax.train.step import augment_views
-from swav_jax.train.validate import ConfigError, validate_config
+from swav_jax.train.validate import validate_config
 
 TOTAL_STEPS = 10
 
@@ -58,9 +60,9 @@ def _config():
     return c
 
 
-def _run(config, mesh, data_axis, bn_group_axis, batches):
+def _run(config, mesh, batches):
     """States before each step and after the last, and the metrics of each step (host)."""
-    [run] = run_steps(config, mesh, data_axis, bn_group_axis, [batches], steps_per_epoch=TOTAL_STEPS)
+    [run] = run_steps(config, mesh, [batches], steps_per_epoch=TOTAL_STEPS)
     return run
 
 
@@ -68,7 +70,7 @@ def _run(config, mesh, data_axis, bn_group_axis, batches):
 def single_run():
     config = _config()
     batches = random_batches(config, 2)
-    states, history = _run(config, single_device_mesh(), ("data", "bn"), None, batches)
+    states, history = _run(config, single_device_mesh(), batches)
     return config, batches, states, history
 
 
@@ -98,12 +100,12 @@ def test_sharded_step_equals_single_device():
     # train_helpers); the augmentation's sharding invariance is tested on its own.
     config = without_colour_augmentation(_config())
     batches = random_batches(config, 2)
-    mesh8, axes, groups = make_mesh(config)
+    mesh8 = make_mesh(config)
     assert mesh8.devices.size == 8
-    [(sharded, history)] = run_steps(config, mesh8, axes, groups, [batches], steps_per_epoch=TOTAL_STEPS)
+    [(sharded, history)] = run_steps(config, mesh8, [batches], steps_per_epoch=TOTAL_STEPS)
     runs = run_steps(
-        config, single_device_mesh(), ("data", "bn"), None,
-        [batches, permuted(batches, 1), permuted(batches, 3)], steps_per_epoch=TOTAL_STEPS,
+        config, single_device_mesh(), [batches, permuted(batches, 1), permuted(batches, 3)],
+        steps_per_epoch=TOTAL_STEPS,
     )
     (single, single_history), reorderings = runs[0], runs[1:]
     assert set(history[0]) == set(single_history[0])
@@ -275,18 +277,14 @@ def test_centroids_get_gradients_only_from_global_views_h_path(model_and_variabl
 
 
 def test_schedules_match_reference():
-    momentum = excb_optim.teacher_momentum(0.996, 100)
-    decay = excb_optim.centroid_weight_decay(1e-3, 1e-4, 100)
+    momentum = excb.teacher_momentum(0.996, 100)
+    decay = excb.centroid_weight_decay(1e-3, 1e-4, 100)
     for s in [0, 1, 37, 50, 99, 100, 150]:
         np.testing.assert_allclose(momentum(s), momentum_ref(0.996, s, 100), rtol=1e-6)
         np.testing.assert_allclose(decay(s), cosine_ref(1e-3, 1e-4, s, 100), rtol=1e-5)
         # The release's 'wdx10c1': wd * (9 * cosine(1 -> 0) + 1) with wd = 1e-4.
         np.testing.assert_allclose(decay(s), 1e-4 * (9 * cosine_ref(1, 0, s, 100) + 1), rtol=1e-5)
     assert float(momentum(0)) == np.float32(0.996) and float(momentum(100)) == 1.0
-    with pytest.raises(ValueError, match="teacher_momentum"):
-        excb_optim.teacher_momentum(1.5, 10)
-    with pytest.raises(ValueError, match="centroid_weight_decay"):
-        excb_optim.centroid_weight_decay(-1.0, 1e-4, 10)
 
 
 def test_optimizer_is_torch_sgd_with_decay_groups():
@@ -300,7 +298,7 @@ def test_optimizer_is_torch_sgd_with_decay_groups():
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     lr = lambda s: 0.1 + 0.05 * s  # noqa: E731
     wd_c = lambda s: 1e-2 / (1 + s)  # noqa: E731
-    tx = excb_optim.make_excb_optimizer(config.optim, lr, wd_c)
+    tx = excb.make_excb_optimizer(config.optim, lr, wd_c)
     state = tx.init(params)
     ref = jax.tree.map(np.float64, params)
     buf = jax.tree.map(np.zeros_like, ref)
@@ -394,6 +392,8 @@ def test_train_runs_logs_excb_metrics_and_resumes_bit_exact(tmp_path):
         ("excb.teacher_temperature", 0.0, "excb.teacher_temperature"),
         ("excb.tracker_momentum", 1.5, "excb.tracker_momentum"),
         ("excb.centroid_weight_decay", -1e-3, "excb.centroid_weight_decay"),
+        ("excb.centroid_weight_decay_end", -1e-4, "excb.centroid_weight_decay_end"),
+        ("excb.teacher_momentum", 1.5, "excb.teacher_momentum"),
         ("excb.init_samples", 11, "excb.init_samples"),  # fewer than the 12 centroids
     ],
 )
@@ -442,24 +442,24 @@ def test_spherical_kmeans_matches_float64_lloyd_and_finds_separated_clusters():
     )
     first = np.asarray(jax.random.permutation(key, len(x))[:5])
     for iters in (0, 1, 3, 50):
-        centroids, sizes = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=5, num_iters=iters)
+        centroids, sizes = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=5, num_iters=iters)
         ref_c, ref_sizes = kmeans_ref(x, first, iters)
         np.testing.assert_allclose(np.asarray(centroids), ref_c, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(sizes), ref_sizes)
     # Five tight, well separated clusters, one initial row in each: five clusters of 40.
     assert sorted(np.asarray(sizes).tolist()) == [40] * 5
     with pytest.raises(ValueError, match="num_clusters"):
-        excb_centroids.spherical_kmeans(jnp.asarray(x[:4]), key, num_clusters=5)
+        excb.spherical_kmeans(jnp.asarray(x[:4]), key, num_clusters=5)
 
 
 def test_chunked_assignment_equals_one_shot(monkeypatch):
     x = np.random.default_rng(1).normal(size=(37, 6)).astype(np.float32)
     key = jax.random.key(0)
-    whole = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
-    monkeypatch.setattr(excb_centroids, "_SCORE_ELEMENTS", 4 * 5)  # chunks of 5 rows, 37 = 7 x 5 + 2
-    excb_centroids.spherical_kmeans.clear_cache()
-    chunked = excb_centroids.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
-    excb_centroids.spherical_kmeans.clear_cache()
+    whole = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
+    monkeypatch.setattr(excb, "_SCORE_ELEMENTS", 4 * 5)  # chunks of 5 rows, 37 = 7 x 5 + 2
+    excb.spherical_kmeans.clear_cache()
+    chunked = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
+    excb.spherical_kmeans.clear_cache()
     np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(whole[0]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(whole[1]))
 
@@ -467,9 +467,9 @@ def test_chunked_assignment_equals_one_shot(monkeypatch):
 def test_init_centroids_clusters_the_teacher_projections():
     config = _config()
     mesh = single_device_mesh()
-    state, _ = build(config, mesh, ("data", "bn"), None, steps_per_epoch=TOTAL_STEPS)
+    state, _ = build(config, mesh, steps_per_epoch=TOTAL_STEPS)
     model = build_excb_model(config)
-    new = excb_centroids.init_centroids(config, model, state)
+    new = excb.init_centroids(config, model, state)
     student, teacher = np.asarray(new.params["centroids"]), np.asarray(new.teacher_params["centroids"])
     np.testing.assert_array_equal(student, teacher)
     assert new.params["centroids"] is not new.teacher_params["centroids"]  # donated separately
@@ -479,7 +479,7 @@ def test_init_centroids_clusters_the_teacher_projections():
     # The centroids are the k-means of the teacher's projections of the training images:
     # at convergence each is the normalised mean of the projections closest to it.
     variables = {"params": state.teacher_params, "batch_stats": state.teacher_batch_stats}
-    x = excb_centroids.teacher_projections(config, model, variables, config.excb.init_samples)
+    x = excb.teacher_projections(config, model, variables, config.excb.init_samples)
     assert x.shape == (1437, config.excb.proj_dim)  # the whole digits training split
     labels = np.argmax(x @ student, axis=1)
     for k in np.unique(labels):

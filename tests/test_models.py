@@ -23,7 +23,9 @@ from swav_jax.models import (
     normalize_prototypes,
     resnet,
 )
-from swav_jax.train.mesh import sync_bn_mesh_shape
+from swav_jax.errors import ConfigError
+from swav_jax.mesh import sync_bn_mesh_shape
+from swav_jax.train.validate import validate_config
 
 # Blocks per stage and block kind, from the ResNet paper (He et al. 2016, Table 1).
 LAYOUTS = {
@@ -687,6 +689,7 @@ def test_build_model_from_base_config():
     assert shapes["projection_hidden"]["kernel"].shape == (4096, 8192)
     assert [shapes[f"prototypes_{h}"]["kernel"].shape for h in range(3)] == [(128, 3000)] * 3
 
+    # Bad values are the trainer's config validation's to report, before any model is built.
     for key, value in [
         ("arch", "vit"),
         ("dtype", "float16"),
@@ -694,6 +697,7 @@ def test_build_model_from_base_config():
         ("hidden_dim", -1),
         ("num_prototypes", ()),
     ]:
-        bad = ml_collections.ConfigDict({**cfg.to_dict(), key: value})
-        with pytest.raises(ValueError, match=f"model.{key}"):
-            build_model(bad)
+        config = base.get_config()
+        config.model[key] = value
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            validate_config(config, num_devices=8, num_processes=1)

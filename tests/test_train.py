@@ -23,16 +23,17 @@ from train_helpers import (
     without_colour_augmentation,
 )
 from swav_jax.eval.run import load_variables
-from swav_jax.train.loop import NonFiniteLossError, train
-from swav_jax.train.mesh import make_mesh
-from swav_jax.train.validate import ConfigError, validate_config
+from swav_jax.errors import ConfigError, NonFiniteLossError
+from swav_jax.train.loop import train
+from swav_jax.mesh import bn_group_axis, make_mesh
+from swav_jax.train.validate import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_steps(config, mesh, data_axis, bn_group_axis, batches, steps_per_epoch=10):
+def _run_steps(config, mesh, batches, steps_per_epoch=10):
     """(final host state, host metrics of each step) of one run."""
-    [(states, history)] = run_steps(config, mesh, data_axis, bn_group_axis, [batches], steps_per_epoch)
+    [(states, history)] = run_steps(config, mesh, [batches], steps_per_epoch)
     return states[-1], history
 
 
@@ -41,11 +42,11 @@ def test_sharded_step_equals_single_device():
     # (test_data_augment); without it, permuted batches measure the float32 noise.
     config = without_colour_augmentation(tiny_config.get_config())
     batches = random_batches(config, 2)
-    mesh8, axes, groups = make_mesh(config)
+    mesh8 = make_mesh(config)
     assert mesh8.devices.size == 8
-    [(sharded, m8)] = run_steps(config, mesh8, axes, groups, [batches])
+    [(sharded, m8)] = run_steps(config, mesh8, [batches])
     runs = run_steps(
-        config, single_device_mesh(), ("data", "bn"), None, [batches, permuted(batches, 1), permuted(batches, 3)]
+        config, single_device_mesh(), [batches, permuted(batches, 1), permuted(batches, 3)]
     )
     (single, m1), reorderings = runs[0], runs[1:]
     assert_within_reordering_noise(m8, m1, [history for _, history in reorderings])
@@ -59,9 +60,9 @@ def _trained(states):
 def test_bn_groups_keep_state_replicated_and_train():
     config = tiny_config.get_config()
     config.model.sync_bn_group_size = 4
-    mesh, axes, groups = make_mesh(config)
-    assert mesh.devices.shape == (2, 4) and groups == "data"
-    state, history = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
+    mesh = make_mesh(config)
+    assert mesh.devices.shape == (2, 4) and bn_group_axis(mesh) == "data"
+    state, history = _run_steps(config, mesh, random_batches(config, 2))
     assert all(np.isfinite(m["train/loss"]) for m in history)
     assert state.batch_stats  # replicated (out_specs P()) after the group mean
 
@@ -69,16 +70,16 @@ def test_bn_groups_keep_state_replicated_and_train():
 def test_prototypes_frozen_then_trained():
     config = tiny_config.get_config()
     config.swav.freeze_prototypes_niters = 2
-    mesh, axes, groups = make_mesh(config)
-    init, _ = build(config, mesh, axes, groups)
+    mesh = make_mesh(config)
+    init, _ = build(config, mesh)
     init = jax.device_get(init)
-    state, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
+    state, _ = _run_steps(config, mesh, random_batches(config, 2))
     # Frozen: only the per-step re-normalisation touches them (float rounding).
     np.testing.assert_allclose(
         state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"], atol=1e-6
     )
     assert not np.allclose(state.params["projection_out"]["kernel"], init.params["projection_out"]["kernel"])
-    later, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 3))
+    later, _ = _run_steps(config, mesh, random_batches(config, 3))
     moved = np.abs(later.params["prototypes_0"]["kernel"] - init.params["prototypes_0"]["kernel"]).max()
     assert moved > 1e-5  # LARS steps are small (trust 0.001); frozen drift is ~1e-7
 
@@ -87,16 +88,16 @@ def test_queue_starts_fills_and_is_used_once_full():
     config = tiny_config.get_config()
     config.swav.queue_length = 2 * config.batch_size  # 2 local batches per device
     config.swav.epoch_queue_starts = 1
-    mesh, axes, groups = make_mesh(config)
+    mesh = make_mesh(config)
     steps_per_epoch = 2
-    state, history = _run_steps(config, mesh, axes, groups, random_batches(config, 5), steps_per_epoch)
+    state, history = _run_steps(config, mesh, random_batches(config, 5), steps_per_epoch)
     # Steps 0-1: before the queue epoch, nothing stored. Steps 2-3 fill it; step 4 uses it.
     assert [m["train/queue_in_use"] for m in history] == [0, 0, 0, 0, 1]
     queue = np.asarray(state.queue)
     assert queue.shape == (2, 2 * config.batch_size, config.model.proj_dim)
     np.testing.assert_allclose(np.linalg.norm(queue, axis=-1), 1.0, rtol=1e-5)
 
-    before, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2), steps_per_epoch)
+    before, _ = _run_steps(config, mesh, random_batches(config, 2), steps_per_epoch)
     np.testing.assert_array_equal(before.queue, 0.0)
 
 
@@ -105,9 +106,9 @@ def test_queue_holds_newest_embeddings_in_front():
     config = tiny_config.get_config()
     config.swav.queue_length = 2 * config.batch_size
     config.swav.epoch_queue_starts = 0
-    mesh, axes, groups = make_mesh(config)
-    one, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 1))
-    two, _ = _run_steps(config, mesh, axes, groups, random_batches(config, 2))
+    mesh = make_mesh(config)
+    one, _ = _run_steps(config, mesh, random_batches(config, 1))
+    two, _ = _run_steps(config, mesh, random_batches(config, 2))
     local_b, local_q = config.batch_size // 8, 2 * config.batch_size // 8
     for d in range(8):
         block1 = np.asarray(one.queue)[:, d * local_q:(d + 1) * local_q]
@@ -122,13 +123,13 @@ def test_multiprocess_equals_single_process(tmp_path):
     single = tmp_path / "single.npz"
     subprocess.run(
         [sys.executable, "tests/train_worker.py", str(single), "--reorderings", "2"],
-        cwd=ROOT, check=True, timeout=300,
+        cwd=ROOT, check=True, timeout=600,
         env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
     )
     multi = tmp_path / "multi.npz"
     subprocess.run(
         ["bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "tests/train_worker.py", str(multi)],
-        cwd=ROOT, check=True, timeout=300, env=env,
+        cwd=ROOT, check=True, timeout=600, env=env,
     )
     a, b = np.load(single), np.load(multi)
     assert sorted(_worker_run(b, 0)) == sorted(_worker_run(a, 0)) and len(_worker_run(a, 0)) > 60
@@ -146,9 +147,9 @@ def test_cli_training_across_two_processes_checkpoints_and_resumes(tmp_path):
         "bash", "launch/local_multiprocess.sh", "2", "2", "--", sys.executable, "-m", "swav_jax", "train",
         "--config", "tests/tiny_config.py", "--workdir", str(tmp_path), "--max-steps",
     ]
-    subprocess.run(cmd + ["2"], cwd=ROOT, check=True, timeout=300, env=env)
+    subprocess.run(cmd + ["2"], cwd=ROOT, check=True, timeout=600, env=env)
     assert load_variables(str(tmp_path))[1] == 2
-    out = subprocess.run(cmd + ["3"], cwd=ROOT, check=True, timeout=300, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd + ["3"], cwd=ROOT, check=True, timeout=600, env=env, capture_output=True, text=True)
     assert "starting at step 2" in out.stdout
     assert load_variables(str(tmp_path))[1] == 3
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]

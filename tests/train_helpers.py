@@ -6,36 +6,30 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from swav_jax.train import optim
-from swav_jax.train.loop import build_method
+from swav_jax.mesh import data_axes
+from swav_jax.methods import get_method
 
 
-def build(config, mesh, data_axis, bn_group_axis, steps_per_epoch=10):
-    """(state, train_step) of `config.method` over `config.epochs` epochs of `steps_per_epoch`."""
-    schedule = optim.lr_schedule(
-        config.optim, steps_per_epoch=steps_per_epoch, epochs=config.epochs, batch_size=config.batch_size
-    )
-    return build_method(
-        config.copy_and_resolve_references(),  # build_method may edit its config
-        schedule,
-        mesh,
-        steps_per_epoch=steps_per_epoch,
+def build(config, mesh, steps_per_epoch=10):
+    """(initial state, train_step) of `config.method` as `train()` builds them, over
+    `config.epochs` epochs of `steps_per_epoch`."""
+    program = get_method(config.method).build(
+        config.copy_and_resolve_references(), mesh, steps_per_epoch=steps_per_epoch,
         total_steps=config.epochs * steps_per_epoch,
-        data_axis=data_axis,
-        bn_group_axis=bn_group_axis,
     )
+    return program.init_state(), program.train_step
 
 
-def run_steps(config, mesh, data_axis, bn_group_axis, runs, steps_per_epoch=10):
+def run_steps(config, mesh, runs, steps_per_epoch=10):
     """Each run (a list of batches) from the same initial state, through one compiled step.
 
     Returns, per run, (host states before each step and after the last, host metrics of
     each step).
     """
-    state, step = build(config, mesh, data_axis, bn_group_axis, steps_per_epoch)
+    state, step = build(config, mesh, steps_per_epoch)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     initial = jax.device_get(state)
-    crops_sharding = NamedSharding(mesh, P(None, data_axis))
+    crops_sharding = NamedSharding(mesh, P(None, data_axes(mesh)))
     results = []
     for batches in runs:
         state = jax.device_put(initial, state_shardings)

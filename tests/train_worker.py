@@ -35,18 +35,18 @@ def main():
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from swav_jax.train.mesh import make_mesh
+    from swav_jax.mesh import data_axes, make_mesh
     from train_helpers import build, permuted, random_batches, without_colour_augmentation
 
     if args.reorderings and jax.process_count() > 1:
         raise SystemExit("--reorderings needs a single process")
     config = without_colour_augmentation(tiny_config.get_config())
-    mesh, data_axis, bn_group_axis = make_mesh(config)
-    state, step_fn = build(config, mesh, data_axis, bn_group_axis)
+    mesh = make_mesh(config)
+    state, step_fn = build(config, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     initial = jax.device_get(state) if args.reorderings else None
     batches = random_batches(config, args.steps)
-    crops_sharding = NamedSharding(mesh, P(None, data_axis))
+    crops_sharding = NamedSharding(mesh, P(None, data_axes(mesh)))
     per_process = config.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     results = {}

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -51,24 +52,9 @@ class AugmentParams(NamedTuple):
     sigma: jax.Array
 
 
-def _check_config(cfg) -> None:
-    s = cfg.color_jitter_strength
-    if not 0.0 <= 0.2 * s <= 0.5:
-        raise ValueError(f"c.augment.color_jitter_strength must be in [0, 2.5] (hue 0.2*s <= 0.5), got {s}")
-    for key in ("color_jitter_prob", "grayscale_prob", "blur_prob"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ValueError(f"c.augment.{key} must be a probability, got {getattr(cfg, key)}")
-    lo, hi = cfg.blur_sigma
-    if not 0.0 < lo <= hi:
-        raise ValueError(f"c.augment.blur_sigma must satisfy 0 < min <= max, got {tuple(cfg.blur_sigma)}")
-    if cfg.blur_kernel_size < 1 or cfg.blur_kernel_size % 2 == 0:
-        raise ValueError(f"c.augment.blur_kernel_size must be a positive odd integer, got {cfg.blur_kernel_size}")
-
-
 def sample_params(rng: jax.Array, num: int, augment_config) -> AugmentParams:
     """Independent augmentation parameters for `num` crops (torchvision's ranges)."""
     cfg = augment_config
-    _check_config(cfg)
     s = cfg.color_jitter_strength
     keys = jax.random.split(rng, 7)
     bcs = jax.random.uniform(keys[0], (num, 3), minval=max(0.0, 1.0 - 0.8 * s), maxval=1.0 + 0.8 * s)
@@ -210,3 +196,53 @@ def denormalize(images: np.ndarray, augment_config) -> np.ndarray:
     """Inverse of the normalisation, to uint8 for viewing: [..., 3] -> uint8 [..., 3]."""
     x = np.asarray(images, np.float32) * np.asarray(augment_config.std) + np.asarray(augment_config.mean)
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def _crop_keys(step_key: jax.Array, views: jax.Array, samples: jax.Array) -> jax.Array:
+    """[len(views), len(samples)] keys, one per (crop index, global sample index)."""
+    per_view = lambda v: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, v), i))(samples)
+    return jax.vmap(per_view)(views)
+
+
+def augment_views(
+    rng: jax.Array,
+    step: jax.Array,
+    crops: tuple[jax.Array, ...],
+    augment_config: ml_collections.ConfigDict,
+    *,
+    dtype,
+    data_axis: str | tuple[str, ...],
+) -> list[jax.Array]:
+    """Device-side augmentation of this device's crops, inside the step's `shard_map`.
+
+    One key per crop of each sample, folded from (rng, step, crop index, the sample's
+    index in the global batch): the augmentation does not depend on how the batch is
+    split over devices.
+
+    Args:
+      rng: [2] uint32 raw key data (the state's `rng`).
+      step: [] int32, the state's step.
+      crops: one uint8 [num_crops_g, b, S_g, S_g, 3] array per resolution group (b the
+        local batch), crop-major over the groups.
+      augment_config: `config.augment`.
+      dtype: output dtype (the model's compute dtype).
+      data_axis: the mesh axis name(s) the batch is split over.
+
+    Returns:
+      One [num_crops_g, b, S_g, S_g, 3] `dtype` array per group, normalised.
+    """
+    local_batch = crops[0].shape[1]
+    first = jax.lax.axis_index(data_axis) * local_batch
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    images = []
+    view = 0
+    for group in crops:
+        n, b = group.shape[:2]
+        keys = _crop_keys(step_key, view + jnp.arange(n), first + jnp.arange(b)).reshape(n * b)
+        flat = group.reshape((n * b,) + group.shape[2:])
+        out = jax.vmap(
+            lambda key, image: augment_crops(key, image[None], augment_config, dtype=dtype)[0]
+        )(keys, flat)
+        images.append(out.reshape((n, b) + out.shape[1:]))
+        view += n
+    return images

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from swav_jax.data.eval_batches import eval_batches
 from swav_jax.eval.features import extract_features
 from swav_jax.eval.knn import knn_classify
 from swav_jax.eval.linear import train_linear_probe
-from swav_jax.models import SwAVModel, build_model
+from swav_jax.models import ResNet, build_backbone, build_model
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], int]:
@@ -49,7 +49,10 @@ def load_variables(path: str) -> tuple[dict[str, Any], int]:
 
 
 def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The network of `config` at initialisation (the seed of `config.seed`), for baselines."""
+    """The network of `config` at initialisation (the seed of `config.seed`), for baselines.
+
+    Every method's trunk is `config.model`'s ResNet: this is SwAV's network at
+    initialisation, whose backbone is what the evaluations read."""
     model = build_model(config.model)
     size = int(config.crops.size_crops[0])
     dummy = [jnp.zeros((1, 2, size, size, 3), jnp.float32)]
@@ -57,18 +60,26 @@ def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-def _apply_features(model: SwAVModel, mean, std, variables, images):
-    return model.apply(variables, normalize(images, mean, std, model.dtype), method=SwAVModel.features)
+def _apply_features(backbone: ResNet, mean, std, variables, images):
+    trunk = {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}
+    return backbone.apply(trunk, normalize(images, mean, std, backbone.dtype), False)
+
+
+@functools.cache
+def _features_of(backbone: ResNet) -> Callable:
+    # One function object per (hashable) backbone: jit caches on it, so evaluating other
+    # weights of the same architecture reuses the compiled program.
+    return functools.partial(_apply_features, backbone)
 
 
 def feature_fn(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> Partial:
-    """uint8 images [b, H, W, 3] -> pooled features [b, F] float32, as a jittable pytree."""
-    model = build_model(config.model)
+    """uint8 images [b, H, W, 3] -> pooled features [b, F] float32 of the trunk under
+    `variables['params']['backbone']` (every method keeps it there), as a jittable pytree."""
     mean = jnp.asarray(config.augment.mean, jnp.float32)
     std = jnp.asarray(config.augment.std, jnp.float32)
     # The module is static (bound into the function); normalisation constants and
     # weights are traced arguments, so one compiled program serves every checkpoint.
-    return Partial(functools.partial(_apply_features, model), mean, std, variables)
+    return Partial(_features_of(build_backbone(config.model)), mean, std, variables)
 
 
 def _eval_mesh():

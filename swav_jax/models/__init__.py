@@ -1,6 +1,6 @@
 """Flax models for SwAV: ResNet backbones, projection head, prototypes (SPEC §1, §6)."""
 
-from swav_jax.models.resnet import ARCHS, ResNet, resnet
+from swav_jax.models.resnet import ARCHS, ResNet, build_backbone, resnet
 from swav_jax.models.swav import (
     PROTOTYPES_PREFIX,
     SwAVModel,
@@ -12,6 +12,7 @@ __all__ = [
     "ARCHS",
     "PROTOTYPES_PREFIX",
     "ResNet",
+    "build_backbone",
     "SwAVModel",
     "build_model",
     "normalize_prototypes",

@@ -19,9 +19,8 @@ Parameter paths (flax `params` collection; `batch_stats` has the same paths for 
     params['predictor_out']['kernel' | 'bias']         [hidden, proj_dim]
     params['centroids']                                [proj_dim, K] float32
 
-The backbone sits under 'backbone' as in `SwAVModel`, so the evaluation code
-(`swav_jax.eval.run.feature_fn`, which applies `SwAVModel.features`) reads an ExCB
-network's backbone unchanged.
+The backbone sits under 'backbone', as in every method's network: the evaluation code
+(`swav_jax.eval.run.feature_fn`) reads only that subtree.
 
 Centroids. Each centroid is a column of `params['centroids']`, L2-normalised inside the
 forward (the release's `weight_norm` with the gain fixed to 1), so gradients reach the
@@ -57,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swav_jax.models.resnet import ARCHS, ResNet, batch_norm, resnet
+from swav_jax.models.resnet import ResNet, batch_norm, resnet
 from swav_jax.models.swav import l2_normalize
 
 CENTROIDS = "centroids"
@@ -214,9 +213,6 @@ class ExCBModel(nn.Module):
         return similarities, predictor_similarities.reshape(v, b, -1)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def build_excb_model(config: Any, bn_axis_name: str | tuple[str, ...] | None = None) -> ExCBModel:
     """An `ExCBModel` from the full config: the backbone from `config.model` (arch, width,
     base_width, small_stem, dtype), the head from `config.excb` (hidden_dim,
@@ -227,24 +223,15 @@ def build_excb_model(config: Any, bn_axis_name: str | tuple[str, ...] | None = N
       bn_axis_name: mapped axis name(s) for cross-device BN; None for single device.
     """
     m, e = config.model, config.excb
-    if m.arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {sorted(ARCHS)}, got {m.arch!r}")
-    if m.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
-    for key in ("hidden_dim", "proj_dim", "num_clusters"):
-        if int(e[key]) < 1:
-            raise ValueError(f"excb.{key} must be >= 1, got {e[key]}")
-    if int(e.hidden_layers) < 0:
-        raise ValueError(f"excb.hidden_layers must be >= 0, got {e.hidden_layers}")
     return ExCBModel(
         arch=m.arch,
         width=int(m.width),
         small_stem=bool(m.small_stem),
-        base_width=int(m.get("base_width", 64)),
+        base_width=int(m.base_width),
         hidden_dim=int(e.hidden_dim),
         hidden_layers=int(e.hidden_layers),
         proj_dim=int(e.proj_dim),
         num_clusters=int(e.num_clusters),
-        dtype=_DTYPES[m.dtype],
+        dtype=jnp.dtype(m.dtype),
         bn_axis_name=bn_axis_name,
     )

@@ -25,7 +25,7 @@ CIFAR-style recipes for 32-96 px images).
 
 Cross-device BatchNorm: `bn_axis_name` names the mapped axis (or tuple of axes) of an
 enclosing `jax.shard_map` over which batch statistics are averaged. For groups of
-devices, see `swav_jax.train.mesh`.
+devices, see `swav_jax.mesh`.
 
 Parameter tree (flax names): `stem_conv`, `stem_bn`, then `stage{s}_block{b}`
 (s = 1..4, b = 0..) each holding `conv1`, `bn1`, `conv2`, `bn2` (+ `conv3`, `bn3` for
@@ -222,3 +222,17 @@ def resnet(arch: str, **kwargs: Any) -> ResNet:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     stage_sizes, block = ARCHS[arch]
     return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
+
+
+def build_backbone(model_config: Any, bn_axis_name: str | tuple[str, ...] | None = None) -> ResNet:
+    """The trunk every method's network shares, from the config's `model` section (arch,
+    width, base_width, small_stem, dtype)."""
+    c = model_config
+    return resnet(
+        c.arch,
+        width=int(c.width),
+        base_width=int(c.base_width),
+        small_stem=bool(c.small_stem),
+        dtype=jnp.dtype(c.dtype),
+        bn_axis_name=bn_axis_name,
+    )

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swav_jax.models.resnet import ARCHS, ResNet, batch_norm, resnet
+from swav_jax.models.resnet import ResNet, batch_norm, resnet
 
 PROTOTYPES_PREFIX = "prototypes_"
 
@@ -240,48 +240,27 @@ class SwAVModel(nn.Module):
         )
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def build_model(model_config: Any, bn_axis_name: str | tuple[str, ...] | None = None) -> SwAVModel:
     """A `SwAVModel` from the config's `model` ConfigDict (configs/base.py).
 
-    Reads arch, width, small_stem, hidden_dim, proj_dim, num_prototypes, dtype and, if
-    present, base_width. `sync_bn_group_size` is the trainer's business: it shapes the
-    mesh (`swav_jax.train.mesh`) and picks `bn_axis_name`.
+    Reads arch, width, base_width, small_stem, hidden_dim, proj_dim, num_prototypes and
+    dtype (validated by the trainer). `sync_bn_group_size` is the trainer's business: it
+    shapes the mesh (`swav_jax.mesh`) and picks `bn_axis_name`.
 
     Args:
       model_config: `config.model`.
       bn_axis_name: mapped axis name(s) for cross-device BN; None for single device.
     """
     c = model_config
-    if c.arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {sorted(ARCHS)}, got {c.arch!r}")
-    if c.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {c.dtype!r}")
-    for key in ("width", "proj_dim"):
-        if int(c[key]) < 1:
-            raise ValueError(f"model.{key} must be >= 1, got {c[key]}")
-    if int(c.hidden_dim) < 0:
-        raise ValueError(f"model.hidden_dim must be >= 0, got {c.hidden_dim}")
-    num_prototypes = (
-        (int(c.num_prototypes),)
-        if isinstance(c.num_prototypes, int)
-        else tuple(int(k) for k in c.num_prototypes)
-    )
-    if not num_prototypes or min(num_prototypes) < 1:
-        raise ValueError(
-            f"model.num_prototypes must be a positive int or a non-empty sequence of them, "
-            f"got {c.num_prototypes}"
-        )
+    num_prototypes = (c.num_prototypes,) if isinstance(c.num_prototypes, int) else c.num_prototypes
     return SwAVModel(
         arch=c.arch,
         width=int(c.width),
         small_stem=bool(c.small_stem),
         hidden_dim=int(c.hidden_dim),
         proj_dim=int(c.proj_dim),
-        num_prototypes=num_prototypes,
-        base_width=int(c.get("base_width", 64)),
-        dtype=_DTYPES[c.dtype],
+        num_prototypes=tuple(int(k) for k in num_prototypes),
+        base_width=int(c.base_width),
+        dtype=jnp.dtype(c.dtype),
         bn_axis_name=bn_axis_name,
     )

@@ -5,20 +5,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """`workdir/checkpoints/<step>/{state,data}`: the last `keep` steps, saved asynchronously.
+    """`workdir/checkpoints/<step>/{state,data,method}`: the last `keep` steps, saved
+    asynchronously.
 
     `data` is the input iterator's position (`get_state()`, JSON; the same on every
     process), so a resumed run sees exactly the batches an uninterrupted one would
-    have seen.
+    have seen. `method` (JSON) names the method and the state fields holding the network
+    to evaluate or export, so that a checkpoint can be read without its config
+    (`swav_jax.convert.load_variables`).
     """
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int, method, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._method = {"name": method.name, "eval_fields": list(method.eval_fields)}
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -34,7 +37,9 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iterator.get_state())
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_iterator.get_state()),
+                method=ocp.args.JsonSave(self._method),
             ),
             force=True,
         )
@@ -54,8 +59,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with shardings, the restore target for `state`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -1,131 +1,126 @@
-"""Config validation before anything is compiled: a bad value names its key."""
+"""Config validation, once, before anything is built or compiled: a bad value names its
+key. The keys every method shares are checked here; each method checks its own
+(`Method.validate`)."""
 
 from __future__ import annotations
 
-import logging
-
 import ml_collections
 
-from swav_jax.train.errors import ConfigError
+from swav_jax.checks import is_int, is_real, non_negative_int, positive_int, real, require
+from swav_jax.methods import get_method, method_names
+from swav_jax.optim import LARS_MODES
 
-
-_METHODS = ("swav", "excb")
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}: {message}")
-
-
-def _positive_int(value, key: str) -> int:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-             f"must be a positive integer, got {value!r}")
-    return value
-
-
-def effective_queue_length(config: ml_collections.ConfigDict) -> int:
-    """The release rounds the queue down to a multiple of the global batch."""
-    length = int(config.swav.queue_length)
-    return length - length % int(config.batch_size)
+_SOURCES = ("tfds", "folder", "digits")
+_DTYPES = ("float32", "bfloat16")
+_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int) -> None:
     """Raises ConfigError for values that would fail later or silently train wrong."""
-    batch = _positive_int(config.batch_size, "batch_size")
-    _require(batch % num_devices == 0, "batch_size",
-             f"global batch {batch} is not divisible by the {num_devices} devices")
-    _require(batch % num_processes == 0, "batch_size",
-             f"global batch {batch} is not divisible by the {num_processes} processes")
-    _positive_int(config.epochs, "epochs")
+    batch = positive_int(config.batch_size, "batch_size")
+    require(batch % num_devices == 0, "batch_size", f"global batch {batch} is not divisible by the {num_devices} devices")
+    require(batch % num_processes == 0, "batch_size",
+            f"global batch {batch} is not divisible by the {num_processes} processes")
+    positive_int(config.epochs, "epochs")
+    non_negative_int(config.seed, "seed")
+    _validate_data(config.data)
+    _validate_crops(config.crops)
+    _validate_augment(config.augment)
+    _validate_model(config.model, num_devices)
+    _validate_optim(config.optim, int(config.epochs))
+    _validate_eval(config.eval)
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "collapse_warning_steps"):
+        positive_int(config[key], key)
+    require(config.method in method_names(), "method", f"must be one of {method_names()}, got {config.method!r}")
+    get_method(config.method).validate(config)
 
-    crops = config.crops
+
+def _validate_data(data: ml_collections.ConfigDict) -> None:
+    require(data.source in _SOURCES, "data.source", f"must be one of {_SOURCES}, got {data.source!r}")
+    if data.source == "folder":
+        require(bool(data.data_dir), "data.data_dir", "must name the image folder for data.source='folder'")
+    if data.source == "tfds":
+        require(bool(data.name), "data.name", "must name the TFDS data set for data.source='tfds'")
+    if data.source == "digits":
+        for key in ("split", "eval_split"):
+            require(data[key] in ("train", "test"), f"data.{key}", f"digits has 'train' and 'test', got {data[key]!r}")
+    for key in ("split", "eval_split"):
+        require(isinstance(data[key], str) and bool(data[key]), f"data.{key}", f"must name a split, got {data[key]!r}")
+    for key in ("num_workers", "read_threads", "prefetch", "image_size"):
+        non_negative_int(data[key], f"data.{key}")
+    positive_int(data.canvas_size, "data.canvas_size")
+
+
+def _validate_crops(crops: ml_collections.ConfigDict) -> None:
     groups = len(crops.size_crops)
-    _require(groups >= 1, "crops.size_crops", "needs at least one crop resolution")
+    require(groups >= 1, "crops.size_crops", "needs at least one crop resolution")
     for key in ("num_crops", "min_scale_crops", "max_scale_crops"):
-        _require(len(crops[key]) == groups, f"crops.{key}",
-                 f"has {len(crops[key])} entries but crops.size_crops has {groups}")
+        require(len(crops[key]) == groups, f"crops.{key}", f"has {len(crops[key])} entries but crops.size_crops has {groups}")
     for i in range(groups):
-        _positive_int(crops.size_crops[i], f"crops.size_crops[{i}]")
-        _positive_int(crops.num_crops[i], f"crops.num_crops[{i}]")
+        positive_int(crops.size_crops[i], f"crops.size_crops[{i}]")
+        positive_int(crops.num_crops[i], f"crops.num_crops[{i}]")
         lo, hi = crops.min_scale_crops[i], crops.max_scale_crops[i]
-        _require(0 < lo <= hi <= 1, f"crops.min_scale_crops[{i}]",
-                 f"scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+        require(is_real(lo) and is_real(hi) and 0 < lo <= hi <= 1, f"crops.min_scale_crops[{i}]",
+                f"scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
     num_views = sum(crops.num_crops)
-    _require(num_views >= 2, "crops.num_crops", f"needs at least 2 crops per image, got {num_views}")
+    require(num_views >= 2, "crops.num_crops", f"needs at least 2 crops per image, got {num_views}")
 
-    model = config.model
-    _positive_int(model.width, "model.width")
-    _require(model.dtype in ("float32", "bfloat16"), "model.dtype",
-             f"must be float32 or bfloat16, got {model.dtype!r}")
+
+def _validate_augment(augment: ml_collections.ConfigDict) -> None:
+    # Hue is shifted by up to 0.2 s, and torchvision's hue factor must stay within 0.5.
+    real(augment.color_jitter_strength, "augment.color_jitter_strength", low=0.0, high=2.5)
+    for key in ("color_jitter_prob", "grayscale_prob", "blur_prob"):
+        real(augment[key], f"augment.{key}", low=0.0, high=1.0)
+    lo, hi = augment.blur_sigma
+    require(is_real(lo) and is_real(hi) and 0 < lo <= hi, "augment.blur_sigma",
+            f"must satisfy 0 < min <= max, got {tuple(augment.blur_sigma)}")
+    size = augment.blur_kernel_size
+    require(is_int(size) and size >= 1 and size % 2 == 1, "augment.blur_kernel_size",
+            f"must be a positive odd integer, got {size!r}")
+    for key in ("mean", "std"):
+        require(len(augment[key]) == 3, f"augment.{key}", f"needs 3 (RGB) values, got {tuple(augment[key])}")
+    require(all(is_real(s) and s > 0 for s in augment.std), "augment.std", f"must be > 0, got {tuple(augment.std)}")
+
+
+def _validate_model(model: ml_collections.ConfigDict, num_devices: int) -> None:
+    require(model.arch in _ARCHS, "model.arch", f"must be one of {_ARCHS}, got {model.arch!r}")
+    positive_int(model.width, "model.width")
+    positive_int(model.base_width, "model.base_width")
+    require(isinstance(model.small_stem, bool), "model.small_stem", f"must be a bool, got {model.small_stem!r}")
+    require(model.dtype in _DTYPES, "model.dtype", f"must be one of {_DTYPES}, got {model.dtype!r}")
     group = model.sync_bn_group_size
-    _require(group == 0 or (group > 0 and num_devices % group == 0), "model.sync_bn_group_size",
-             f"must be 0 (all devices) or divide the {num_devices} devices, got {group}")
-
-    _require(config.method in _METHODS, "method", f"must be one of {_METHODS}, got {config.method!r}")
-    if config.method == "excb":
-        _validate_excb(config)
-    else:
-        _validate_swav(config)
+    require(is_int(group) and (group == 0 or (group > 0 and num_devices % group == 0)), "model.sync_bn_group_size",
+            f"must be 0 (all devices) or divide the {num_devices} devices, got {group!r}")
 
 
-def _validate_excb(config: ml_collections.ConfigDict) -> None:
-    _require(config.crops.num_crops[0] >= 2, "crops.num_crops",
-             f"ExCB's teacher needs at least 2 global crops (the first group), got {config.crops.num_crops[0]}")
-    excb = config.excb
-    for key in ("num_clusters", "hidden_dim", "proj_dim"):
-        _positive_int(excb[key], f"excb.{key}")
-    _require(isinstance(excb.hidden_layers, int) and excb.hidden_layers >= 0, "excb.hidden_layers",
-             f"must be an integer >= 0, got {excb.hidden_layers!r}")
-    for key in ("teacher_temperature", "student_temperature"):
-        _require(excb[key] > 0, f"excb.{key}", f"must be > 0, got {excb[key]}")
-    for key in ("teacher_momentum", "tracker_momentum"):
-        _require(0 <= excb[key] <= 1, f"excb.{key}", f"must be in [0, 1], got {excb[key]}")
-    for key in ("centroid_weight_decay", "centroid_weight_decay_end"):
-        _require(excb[key] >= 0, f"excb.{key}", f"must be >= 0, got {excb[key]}")
-    samples = excb.init_samples
-    _require(isinstance(samples, int) and (samples == 0 or samples >= excb.num_clusters), "excb.init_samples",
-             f"must be 0 (random unit centroids) or at least excb.num_clusters = {excb.num_clusters} "
-             f"(k-means needs a sample per centroid), got {samples!r}")
+def _validate_optim(optim: ml_collections.ConfigDict, epochs: int) -> None:
+    require(optim.lars_mode in LARS_MODES, "optim.lars_mode", f"must be one of {LARS_MODES}, got {optim.lars_mode!r}")
+    real(optim.base_lr, "optim.base_lr", low=0.0, strict=True)
+    real(optim.final_lr, "optim.final_lr", low=0.0)
+    real(optim.start_warmup, "optim.start_warmup", low=0.0)
+    non_negative_int(optim.warmup_epochs, "optim.warmup_epochs")
+    require(optim.warmup_epochs <= epochs, "optim.warmup_epochs",
+            f"{optim.warmup_epochs} warm-up epochs exceed the run's {epochs} epochs")
+    require(isinstance(optim.scale_lr_with_batch, bool), "optim.scale_lr_with_batch",
+            f"must be a bool, got {optim.scale_lr_with_batch!r}")
+    real(optim.momentum, "optim.momentum", low=0.0)
+    require(optim.momentum < 1, "optim.momentum", f"must be in [0, 1), got {optim.momentum!r}")
+    real(optim.weight_decay, "optim.weight_decay", low=0.0)
+    real(optim.trust_coefficient, "optim.trust_coefficient", low=0.0, strict=True)
+    real(optim.lars_eps, "optim.lars_eps", low=0.0)
 
 
-def _validate_swav(config: ml_collections.ConfigDict) -> None:
-    crops, batch = config.crops, config.batch_size
-    num_views = sum(crops.num_crops)
-    swav = config.swav
-    assign = tuple(swav.crops_for_assign)
-    _require(len(assign) >= 1 and len(set(assign)) == len(assign), "swav.crops_for_assign",
-             f"must name distinct crops, got {assign}")
-    _require(all(isinstance(a, int) and 0 <= a < num_views for a in assign), "swav.crops_for_assign",
-             f"crop indices must be in [0, {num_views}), got {assign}")
-    _require(all(a < crops.num_crops[0] for a in assign), "swav.crops_for_assign",
-             f"assigning crops must be of the first resolution group (crops 0..{crops.num_crops[0] - 1}),"
-             f" got {assign}")
-    _require(swav.epsilon > 0, "swav.epsilon", f"must be > 0, got {swav.epsilon}")
-    _require(swav.temperature > 0, "swav.temperature", f"must be > 0, got {swav.temperature}")
-    _positive_int(swav.sinkhorn_iterations, "swav.sinkhorn_iterations")
-    _require(swav.freeze_prototypes_niters >= 0, "swav.freeze_prototypes_niters",
-             f"must be >= 0, got {swav.freeze_prototypes_niters}")
-    _require(swav.queue_length >= 0, "swav.queue_length", f"must be >= 0, got {swav.queue_length}")
-    if swav.queue_length > 0:
-        _require(effective_queue_length(config) > 0, "swav.queue_length",
-                 f"{swav.queue_length} is shorter than the global batch {batch}; the release rounds it "
-                 "down to a multiple of the global batch, which leaves no queue")
-        _require(swav.epoch_queue_starts >= 0, "swav.epoch_queue_starts",
-                 f"must be >= 0, got {swav.epoch_queue_starts}")
-        if effective_queue_length(config) != swav.queue_length:
-            logging.warning("config.swav.queue_length %d rounded down to %d (a multiple of the global batch)",
-                            swav.queue_length, effective_queue_length(config))
-
-    model = config.model
-    _require(len(model.num_prototypes) >= 1, "model.num_prototypes", "needs at least one prototype head")
-    for i, k in enumerate(model.num_prototypes):
-        _positive_int(k, f"model.num_prototypes[{i}]")
-    _positive_int(model.proj_dim, "model.proj_dim")
-    _require(model.hidden_dim >= 0, "model.hidden_dim", f"must be >= 0 (0: a single linear head), got {model.hidden_dim}")
-    smallest = max(model.num_prototypes)
-    sinkhorn_samples = batch + effective_queue_length(config)
-    if smallest > sinkhorn_samples:
-        logging.warning(
-            "Each Sinkhorn problem has %d samples for %d prototypes (K > N): equipartition is loose "
-            "and learning can stall (SPEC §9). Consider a queue (config.swav.queue_length) or fewer "
-            "prototypes.", sinkhorn_samples, smallest)
+def _validate_eval(evaluation: ml_collections.ConfigDict) -> None:
+    positive_int(evaluation.batch_size, "eval.batch_size")
+    non_negative_int(evaluation.image_size, "eval.image_size")
+    require(evaluation.feature_dtype in ("float32", "float16"), "eval.feature_dtype",
+            f"must be float32 or float16, got {evaluation.feature_dtype!r}")
+    require(len(evaluation.knn_k) >= 1, "eval.knn_k", "needs at least one k")
+    for i, k in enumerate(evaluation.knn_k):
+        positive_int(k, f"eval.knn_k[{i}]")
+    real(evaluation.knn_temperature, "eval.knn_temperature", low=0.0, strict=True)
+    non_negative_int(evaluation.knn_every_epochs, "eval.knn_every_epochs")
+    positive_int(evaluation.linear_epochs, "eval.linear_epochs")
+    positive_int(evaluation.linear_batch_size, "eval.linear_batch_size")
+    real(evaluation.linear_lr, "eval.linear_lr", low=0.0, strict=True)
+    real(evaluation.linear_weight_decay, "eval.linear_weight_decay", low=0.0)

@@ -44,16 +44,24 @@ def sync_bn_mesh_shape(num_devices: int, group_size: int) -> tuple[int, int]:
     return num_devices // group_size, group_size
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):
-    """The data-parallel mesh over `devices` (default: all devices of all processes).
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The data-parallel ('data', 'bn') mesh over `devices` (default: all devices of all
+    processes), BN groups of `config.model.sync_bn_group_size` devices along 'bn'.
 
-    Returns (mesh, data_axes, bn_group_axis): the batch is split over `data_axes` (both
-    mesh axes); bn_group_axis is 'data' when there are several BN groups, else None.
     Groups should be well-connected devices, as the release's process groups of
     consecutive ranks: `jax.make_mesh` orders devices so that, for group sizes up to the
     devices per host, the inner axis stays within a host.
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = sync_bn_mesh_shape(len(devices), int(config.model.sync_bn_group_size))
-    mesh = jax.make_mesh(shape, DATA_AXES, devices=devices)
-    return mesh, DATA_AXES, ("data" if shape[0] > 1 else None)
+    return jax.make_mesh(shape, DATA_AXES, devices=devices)
+
+
+def data_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The axes the batch is split over, and every data-parallel mean is taken over: all."""
+    return tuple(mesh.axis_names)
+
+
+def bn_group_axis(mesh: jax.sharding.Mesh) -> str | None:
+    """The axis across BN groups ('data') when there are several groups, else None."""
+    return "data" if mesh.shape["data"] > 1 else None

@@ -21,87 +21,17 @@ Two LARS modes, chosen by `optim.lars_mode`:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-_LARS_MODES = ("swav", "optax")
+LARS_MODES = ("swav", "optax")
 # Linear scaling reference batch (Goyal et al. 2017), as in the release's recipes.
 _REFERENCE_BATCH = 256
 
 Mask = Union[Any, Callable[[optax.Params], Any]]
-
-
-class _OptimSettings(NamedTuple):
-    lars_mode: str
-    base_lr: float
-    final_lr: float
-    start_warmup: float
-    warmup_epochs: int
-    scale_lr_with_batch: bool
-    momentum: float
-    weight_decay: float
-    trust_coefficient: float
-    lars_eps: float
-
-
-def _read(optim_config: Any, key: str) -> Any:
-    try:
-        return getattr(optim_config, key)
-    except (AttributeError, KeyError):
-        raise ValueError(f"optim.{key} is missing from the config") from None
-
-
-def _real(optim_config: Any, key: str, *, minimum: float, strict: bool = False) -> float:
-    value = _read(optim_config, key)
-    bad = (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value < minimum
-        or (strict and value == minimum)
-    )
-    if bad:
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"optim.{key} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _settings(optim_config: Any) -> _OptimSettings:
-    """Reads and checks every `optim.*` key; a bad value raises ValueError naming it."""
-    lars_mode = _read(optim_config, "lars_mode")
-    if lars_mode not in _LARS_MODES:
-        raise ValueError(f"optim.lars_mode must be one of {_LARS_MODES}, got {lars_mode!r}")
-    scale = _read(optim_config, "scale_lr_with_batch")
-    if not isinstance(scale, bool):
-        raise ValueError(f"optim.scale_lr_with_batch must be a bool, got {scale!r}")
-    momentum = _real(optim_config, "momentum", minimum=0.0)
-    if momentum >= 1.0:
-        raise ValueError(f"optim.momentum must be in [0, 1), got {momentum!r}")
-    return _OptimSettings(
-        lars_mode=lars_mode,
-        base_lr=_real(optim_config, "base_lr", minimum=0.0, strict=True),
-        final_lr=_real(optim_config, "final_lr", minimum=0.0),
-        start_warmup=_real(optim_config, "start_warmup", minimum=0.0),
-        warmup_epochs=_count(
-            "optim.warmup_epochs", _read(optim_config, "warmup_epochs"), minimum=0
-        ),
-        scale_lr_with_batch=scale,
-        momentum=momentum,
-        weight_decay=_real(optim_config, "weight_decay", minimum=0.0),
-        trust_coefficient=_real(optim_config, "trust_coefficient", minimum=0.0, strict=True),
-        lars_eps=_real(optim_config, "lars_eps", minimum=0.0),
-    )
 
 
 def lr_schedule(
@@ -128,19 +58,17 @@ def lr_schedule(
     Returns:
       schedule(count: int scalar) -> float32 scalar LR.
     """
-    cfg = _settings(optim_config)
-    steps_per_epoch = _count("steps_per_epoch", steps_per_epoch, minimum=1)
-    epochs = _count("epochs", epochs, minimum=1)
-    batch_size = _count("batch_size", batch_size, minimum=1)
-    if cfg.warmup_epochs > epochs:
+    cfg = optim_config
+    if min(steps_per_epoch, epochs, batch_size) < 1 or cfg.warmup_epochs > epochs:
         raise ValueError(
-            f"optim.warmup_epochs ({cfg.warmup_epochs}) must not exceed epochs ({epochs})"
+            f"lr_schedule needs steps_per_epoch, epochs, batch_size >= 1 and warmup_epochs <= epochs, got "
+            f"{steps_per_epoch}, {epochs}, {batch_size}, {cfg.warmup_epochs}"
         )
     scale = batch_size / _REFERENCE_BATCH if cfg.scale_lr_with_batch else 1.0
-    base_lr = cfg.base_lr * scale
-    final_lr = cfg.final_lr * scale
-    start_lr = cfg.start_warmup
-    warmup_iters = cfg.warmup_epochs * steps_per_epoch
+    base_lr = float(cfg.base_lr) * scale
+    final_lr = float(cfg.final_lr) * scale
+    start_lr = float(cfg.start_warmup)
+    warmup_iters = int(cfg.warmup_epochs) * steps_per_epoch
     total_iters = epochs * steps_per_epoch
     cosine_iters = total_iters - warmup_iters
 
@@ -241,7 +169,8 @@ def freeze_for(
     The step count is part of `FreezeState`, so it is checkpointed; the switch is a
     `jnp.where` on it, so `update` jits with one compiled program for all steps.
     """
-    num_steps = _count("num_steps", num_steps, minimum=0)
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
 
     def init_fn(params):
         return FreezeState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
@@ -289,28 +218,29 @@ def make_optimizer(
     Returns:
       A transformation whose state is a `FreezeState`; `update` needs `params`.
     """
-    cfg = _settings(optim_config)
-    freeze_steps = _count("freeze_steps", freeze_steps, minimum=0)
+    cfg = optim_config
+    if cfg.lars_mode not in LARS_MODES:
+        raise ValueError(f"optim.lars_mode must be one of {LARS_MODES}, got {cfg.lars_mode!r}")
     if cfg.lars_mode == "swav":
         inner = optax.chain(
             scale_by_larc(
-                trust_coefficient=cfg.trust_coefficient,
-                weight_decay=cfg.weight_decay,
-                eps=cfg.lars_eps,
+                trust_coefficient=float(cfg.trust_coefficient),
+                weight_decay=float(cfg.weight_decay),
+                eps=float(cfg.lars_eps),
             ),
             # torch SGD momentum: buf = m * buf + g, first buf = g (trace starts at 0).
-            optax.trace(decay=cfg.momentum, nesterov=False),
+            optax.trace(decay=float(cfg.momentum), nesterov=False),
             optax.scale_by_learning_rate(schedule),
         )
     else:
         inner = optax.lars(
             schedule,
-            weight_decay=cfg.weight_decay,
+            weight_decay=float(cfg.weight_decay),
             weight_decay_mask=_decay_and_trust_mask,
-            trust_coefficient=cfg.trust_coefficient,
-            eps=cfg.lars_eps,
+            trust_coefficient=float(cfg.trust_coefficient),
+            eps=float(cfg.lars_eps),
             trust_ratio_mask=_decay_and_trust_mask,
-            momentum=cfg.momentum,
+            momentum=float(cfg.momentum),
         )
     return freeze_for(inner, freeze_mask, freeze_steps)
 
