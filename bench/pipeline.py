@@ -13,7 +13,7 @@ spectrum, ~110 KiB like ImageNet's mean), then measures for the default recipe
   device        crop_groups (cut + resize + flip) and augment_crops (colour, blur,
                 normalise), each jitted, on one batch on jax.devices()[0]
 
-Usage: python bench/pipeline.py [--num-images 64] [--batch 32] [--workers 0 2]
+Usage: python bench/pipeline.py [--num-images 64] [--batch 32] [--workers 0 2] [--json out.json]
 Each rate is the best of --repeats runs (the machine may be shared; best = least
 disturbed).
 """
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-device", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
     import grain
@@ -206,6 +207,9 @@ def main() -> None:
         results["device_augment_img_per_s"] = round(aug_rate, 1)
         results["device_img_per_s"] = round(1 / (1 / crop_rate + 1 / aug_rate), 1)
     print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

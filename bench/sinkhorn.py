@@ -1,6 +1,6 @@
 """Sinkhorn benchmark: swav_jax.sinkhorn vs the release's algorithm in PyTorch and NumPy.
 
-    python bench/sinkhorn.py [--n 4096] [--k 3000] [--iters 3] [--repeats 20] [--devices 8]
+    python bench/sinkhorn.py [--n 4096] [--k 3000] [--iters 3] [--repeats 20] [--devices 8] [--json out.json]
 
 Times (median of --repeats calls after warm-up, blocking on the result):
   jax            swav_jax.sinkhorn, jitted, one device, n x K
@@ -11,6 +11,7 @@ Times (median of --repeats calls after warm-up, blocking on the result):
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -25,6 +26,7 @@ def _parse():
     p.add_argument("--epsilon", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--devices", type=int, default=8, help="shards for the sharded run (host devices on CPU)")
+    p.add_argument("--json", default=None, help="also write the medians to this JSON file")
     return p.parse_args()
 
 
@@ -92,8 +94,11 @@ def main():
     print(f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}")
     print(f"n={a.n} K={a.k} iters={a.iters} eps={a.epsilon} float32, median of {a.repeats}")
 
+    device = jax.devices()[0]
+    info = {"device": f"{device.platform}: {device.device_kind}", "jax": jax.__version__, "n": a.n, "k": a.k,
+            "iters": a.iters, "epsilon": a.epsilon, "repeats": a.repeats}
     results = {}
-    x = jax.device_put(jnp.asarray(scores), jax.devices()[0])
+    x = jax.device_put(jnp.asarray(scores), device)
     fn = jax.jit(lambda s: sinkhorn(s, epsilon=a.epsilon, num_iters=a.iters))
     results["jax"] = _median_ms(lambda: fn(x).block_until_ready(), a.repeats)
 
@@ -132,6 +137,11 @@ def main():
 
     for name, ms in results.items():
         print(f"{name:48s} {ms:9.3f} ms")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"info": info, "rows": [{"implementation": k, "ms": v} for k, v in results.items()]}, f,
+                      indent=1)
+        print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

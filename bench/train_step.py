@@ -22,6 +22,11 @@ Per point:
 The JSON (--json) also holds XLA's own FLOP count of the compiled step
 (cost_analysis(), per device) and the compile time.
 
+--profile DIR, after the timed steps of each point: the compiled step's optimised HLO
+(DIR/train_step_<crops>_b<batch>.hlo.txt) and a jax.profiler trace of --profile-steps
+more synthetic steps (DIR/plugins/profile/<run>/*.xplane.pb; bench/profile_summary.py
+turns it into per-op device times).
+
 --steps 0 compiles only (FLOPs and compiled memory, no timing): a memory estimate of a
 big configuration on a machine too slow to run it.
 
@@ -73,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="devices of the data mesh (0: all); >1 on CPU makes that many host devices")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s per device, in TFLOP/s")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="write the step's HLO and a jax.profiler trace of --profile-steps steps here")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--e2e", action="store_true", help="also feed the step from the real input pipeline")
     p.add_argument("--images", type=int, default=256, help="--e2e: JPEGs to generate")
     p.add_argument("--workers", type=int, default=8, help="--e2e: grain worker processes")
@@ -82,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for spec in args.crops:
         step_common.parse_crops(spec)
-    if min(args.batch) < 1 or args.steps < 0 or args.warmup < 1 or args.devices < 0:
-        p.error("--batch >= 1, --steps >= 0, --warmup >= 1 and --devices >= 0 are required")
+    if min(args.batch) < 1 or args.steps < 0 or args.warmup < 1 or args.devices < 0 or args.profile_steps < 1:
+        p.error("--batch >= 1, --steps >= 0, --warmup >= 1, --devices >= 0 and --profile-steps >= 1 are required")
     return args
 
 
@@ -211,9 +219,31 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     if "peak_bytes_in_use" in stats:
         row["peak_gb"] = stats["peak_bytes_in_use"] / 1e9
     rows = [row]
+    if args.profile:
+        state = write_profile(args.profile, compiled, state, synthetic, args.profile_steps,
+                              f"{spec.replace('+', '_')}_b{batch}")
     if args.e2e:
         rows += run_e2e(args, config, mesh, data_axes(mesh), compiled, state, common, fpi, peak)
     return info, rows
+
+
+def write_profile(folder: str, compiled, state, batch: dict, steps: int, name: str):
+    """Writes the compiled step's HLO text and a profiler trace of `steps` steps into `folder`.
+
+    Each traced step is a StepTraceAnnotation, so trace viewers split the timeline by
+    step. Returns the new state (the step donates it).
+    """
+    import jax
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"train_step_{name}.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(folder):
+        for i in range(steps):
+            with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready((state, metrics))
+    return state
 
 
 def run_e2e(args, config, mesh, data_axis, compiled, state, common, fpi, peak) -> list[dict]:
