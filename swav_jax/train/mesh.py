@@ -100,8 +100,9 @@ def _tile_by_groups(grid: np.ndarray, group_size: int) -> np.ndarray:
 def _group_box(extent: Sequence[int], group_size: int) -> tuple[int, ...]:
     """Sides of the box of `group_size` devices that tiles a grid of `extent` (slice, x,
     y, z, core) most compactly: within one slice if possible (slices talk over the data
-    centre network), then the fewest chip-to-chip hops across the box (sum of x, y, z
-    sides minus one); the cores of a chip cost nothing."""
+    centre network), then the fewest chip-to-chip hops from corner to corner (the sum
+    over x, y, z of side - 1); the cores of a chip cost nothing. Ties go to the
+    lexicographically smallest sides."""
     def cost(box):
         return box[0], sum(side - 1 for side in box[1:4])
 
