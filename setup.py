@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# One range for jax and its TPU extra: jax[tpu] pins the libtpu release built for that
+# jax, so with jax already installed pip adds the libtpu of the installed version.
+JAX_VERSIONS = ">=0.10.2,<0.13"
+
 setup(
     name="swav-jax",
     version="0.1.0",
@@ -11,7 +15,7 @@ setup(
     packages=find_packages(include=["swav_jax", "swav_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10.2,<0.13",
+        f"jax{JAX_VERSIONS}",
         "flax>=0.10",
         "optax>=0.2.6",
         "grain>=0.2.10",
@@ -31,6 +35,9 @@ setup(
         "test": ["pytest>=8"],
         # Only for `swav-jax convert` and the PyTorch baselines in bench/.
         "torch": ["torch>=2.3"],
+        # libtpu (~700 MB): training on Cloud TPU, and compiling for TPU slices on any
+        # machine (swav_jax.plan, docs/TPU.md).
+        "tpu": [f"jax[tpu]{JAX_VERSIONS}"],
     },
     entry_points={"console_scripts": ["swav-jax=swav_jax.cli:main"]},
 )

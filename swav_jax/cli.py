@@ -58,24 +58,16 @@ def load_config(config_args: list[str]):
 
 
 def _distributed_init(mode: str) -> None:
-    """`jax.distributed.initialize()` before any other jax call.
-
-    SLURM and Cloud TPU pods are detected by jax itself; launch/local_multiprocess.sh
-    passes the coordinator, process count and id in JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    """
+    """`jax.distributed.initialize()` before any other jax call, with the arguments
+    swav_jax.cluster reads from the launcher's environment (local multi-process, SLURM;
+    Cloud TPU pods are detected by jax itself)."""
     if mode == "off":
         return
     import jax
 
-    kwargs = {}
-    if "JAX_NUM_PROCESSES" in os.environ:
-        kwargs = dict(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    jax.distributed.initialize(**kwargs)
+    from swav_jax.cluster import initialize_kwargs
+
+    jax.distributed.initialize(**initialize_kwargs(os.environ))
 
 
 class _Preemption:
