@@ -3,7 +3,7 @@
     python bench/train_step.py [--crops 2x224+6x96 2x160+4x96 2x224] [--batch 32 64 128 256]
                                [--dtype bfloat16] [--steps 20] [--e2e] [--json out.json]
 
-Times the real `swav_jax.train.step.make_train_step` (device augmentation, multi-crop
+Times the trainer's own SwAV step (`swav_jax.methods.swav`, built as `train` builds it) (device augmentation, multi-crop
 forward, Sinkhorn, loss, gradients, LARS update; the state is donated) on synthetic
 uint8 crops already on the devices, for every crop setting x per-device batch. Each
 point runs in its own process, so peak memory is that point's and an out-of-memory

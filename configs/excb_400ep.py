@@ -12,7 +12,7 @@ with fixed scales (0.14, 1) / (0.05, 0.14), where the release uses a BYOL-style 
 (colour jitter strength 0.5, asymmetric blur and solarisation, bicubic resizing, the
 global crops' minimum scale annealed 0.26 -> 0.14); the k-means centroid initialisation
 (500,000 images, as the release) clusters centre crops, not augmented views
-(swav_jax/train/excb_centroids.py); the loss weighs its h path (teacher view -> the
+(swav_jax/methods/excb.py); the loss weighs its h path (teacher view -> the
 other global view) and its predictor path (-> all views) half each, where the release
 averages all its pairs equally (swav_jax/balancing.py).
 """

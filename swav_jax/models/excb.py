@@ -30,7 +30,7 @@ only: the loss pairs no local crop with it (`swav_jax.balancing.excb_loss`). Gra
 reach the centroids only through it; the predictor path sees them through
 `stop_gradient` (the release's `predictor_grads=False`). Initialised as random unit
 vectors; the trainer then replaces them, as the release does, by spherical k-means
-centroids of the teacher's projections (`swav_jax.train.excb_centroids`,
+centroids of the teacher's projections (`swav_jax.methods.excb`,
 `excb.init_samples`).
 
 Layout as the release's (ManiadisG/ExCB, `MLPBottleneckClassifier` with
