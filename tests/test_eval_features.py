@@ -98,3 +98,25 @@ def test_bad_batches():
         extract_features(_feature_fn, [{"image": images}], mesh=mesh)
     with pytest.raises(ValueError, match="data_axis"):
         extract_features(_feature_fn, _batches(images, labels, (8,)), mesh=mesh, data_axis="batch")
+
+
+def test_feature_fn_of_new_weights_reuses_the_compiled_program():
+    """The online kNN evaluates new weights every time: one program per architecture."""
+    import tiny_config
+    from swav_jax.eval import features
+    from swav_jax.eval.run import feature_fn, random_init_variables
+
+    config = tiny_config.get_config()
+    mesh = jax.make_mesh((8,), ("data",))
+    images, labels = _data(np.random.default_rng(1), 16)
+    first = random_init_variables(config)
+    config.seed += 1
+    second = random_init_variables(config)
+    out = []
+    for variables in (first, second, first):
+        batches = _batches(images, labels, [8, 8])
+        out.append(extract_features(feature_fn(config, variables), batches, mesh=mesh)[0])
+        if len(out) == 1:
+            compiled = features._apply._cache_size()
+    assert features._apply._cache_size() == compiled
+    assert not np.allclose(out[0], out[1]) and np.array_equal(out[0], out[2])

@@ -24,6 +24,7 @@ from swav_jax.data.eval_batches import eval_batches
 from swav_jax.eval.features import extract_features
 from swav_jax.eval.knn import knn_classify
 from swav_jax.eval.linear import train_linear_probe
+from swav_jax.methods.scaffold import init_variables
 from swav_jax.models import ResNet, build_backbone, build_model
 
 
@@ -53,10 +54,8 @@ def random_init_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     Every method's trunk is `config.model`'s ResNet: this is SwAV's network at
     initialisation, whose backbone is what the evaluations read."""
-    model = build_model(config.model)
-    size = int(config.crops.size_crops[0])
-    dummy = [jnp.zeros((1, 2, size, size, 3), jnp.float32)]
-    variables = jax.jit(lambda k: model.init(k, dummy, train=True))(jax.random.key(config.seed))
+    init = jax.jit(lambda key: init_variables(build_model(config.model), config, key))
+    variables = init(jax.random.key(config.seed))
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 

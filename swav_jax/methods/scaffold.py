@@ -117,9 +117,8 @@ def placed_and_abstract(
     mesh directly (jit with out_shardings), on every process alike."""
     abstract = jax.eval_shape(init)
     out = shardings(mesh, specs(abstract))
-    placed = lambda: jax.jit(init, out_shardings=out)()  # noqa: E731
     structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, out)
-    return placed, structs
+    return jax.jit(init, out_shardings=out), structs
 
 
 def sharded_train_step(
