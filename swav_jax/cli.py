@@ -138,7 +138,9 @@ def _eval(args, config_args):
     results = (knn_eval if args.protocol == "knn" else linear_eval)(config, variables)
     for key, value in results.items():
         print(f"{key} = {value:.2f}")
-    MetricsWriter(args.workdir, enabled=jax.process_index() == 0).write(max(step, 0), results)
+    writer = MetricsWriter(args.workdir, jax.process_index() == 0, wandb_project=config.logging.wandb_project)
+    writer.write(max(step, 0), results)
+    writer.close()
 
 
 def _convert(args, config_args):

@@ -125,7 +125,7 @@ def test_ln_k_lines_k_in_titles_units_and_the_legend_beside_the_data():
     assert "K = 64" in entropy.get_title() and entropy.get_lines()[1].get_ydata()[0] == pytest.approx(math.log(64))
     assert entropy.get_ylabel() == "entropy (nats)"
     empty = _axes(draw_empty, {"train/empty_prototypes": ([10], [3.0])}, info)
-    assert "K = 64" in empty.get_title() and "K = 64" in empty.get_ylabel()
+    assert "K = 64" in empty.get_title() and empty.get_ylabel() == "empty prototypes per batch"
 
 
 def test_eval_labels():

@@ -93,15 +93,12 @@ def test_wandb_logs_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
     assert fake.configs == [{"batch_size": 16}] * 2 and fake.finished == 2
 
 
-def test_wandb_project_without_wandb_is_a_config_error(monkeypatch):
+def test_wandb_project_without_wandb_is_one_clear_error(tmp_path, monkeypatch):
     from swav_jax.errors import ConfigError
-    from swav_jax.train.validate import validate_config
 
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    config = tiny_config.get_config()
-    config.logging.wandb_project = "swav"
-    with pytest.raises(ConfigError, match=r"config.logging.wandb_project: is set but wandb is not installed"):
-        validate_config(config, num_devices=1, num_processes=1)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ConfigError, match=r"wandb_project is 'swav' but wandb is not installed: pip install"):
+        MetricsWriter(str(tmp_path), wandb_project="swav")
 
 
 class _Clock:

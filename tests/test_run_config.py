@@ -21,38 +21,50 @@ def _tree(**changes):
     return run_config.to_dict(config)
 
 
+SHAPES = {"params/w": (3, 4)}
+
+
+def _check(saved, current, current_shapes=SHAPES):
+    return run_config.check_resume(saved, current, saved_shapes=SHAPES, current_shapes=current_shapes)
+
+
 def test_same_config_resumes_silently():
-    assert run_config.check_resume(_tree(), _tree()) == []
+    assert _check(_tree(), _tree()) == ([], [])
 
 
-@pytest.mark.parametrize(
-    "key,value",
-    [("method", "excb"), ("model.num_prototypes", (13,)), ("batch_size", 32), ("crops.num_crops", (2, 4)),
-     ("swav.queue_length", 64), ("optim.base_lr", 0.5), ("seed", 7)],
-)
-def test_a_changed_run_key_stops_naming_it(key, value):
-    with pytest.raises(ConfigError, match=rf"differing keys: {key.replace('.', '[.]')}: .* -> "):
-        run_config.check_resume(_tree(), _tree(**{key: value}))
+@pytest.mark.parametrize("key,value", [("model.num_prototypes", (13,)), ("crops.num_crops", (2, 4)),
+                                       ("swav.queue_length", 64)])
+def test_a_key_that_changes_shapes_stops_naming_it(key, value):
+    with pytest.raises(ConfigError, match=rf"changes the shapes of the state; differing keys: {key.replace('.', '[.]')}: .* -> "):
+        _check(_tree(), _tree(**{key: value}), current_shapes={"params/w": (3, 5)})
 
 
-def test_every_differing_key_is_named():
+def test_a_changed_method_stops_naming_every_differing_key():
     with pytest.raises(ConfigError) as e:
-        run_config.check_resume(_tree(), _tree(**{"model.proj_dim": 8, "method": "excb", "log_every_steps": 5}))
+        _check(_tree(), _tree(**{"model.proj_dim": 8, "method": "excb", "log_every_steps": 5}))
     message = str(e.value)
+    assert "changes the method" in message
     assert "model.proj_dim: 16 -> 8" in message and "method: 'swav' -> 'excb'" in message
-    assert "log_every_steps:" not in message.split("Resume with")[0]
+    assert "log_every_steps" not in message  # harmless
 
 
-def test_harmless_changes_and_new_keys_are_allowed_and_noted():
+def test_shapes_that_differ_under_the_same_config_are_named():
+    with pytest.raises(ConfigError, match=r"no config key differs, but .* params/w: \(3, 4\) -> \(3, 5\)"):
+        _check(_tree(), _tree(), current_shapes={"params/w": (3, 5)})
+
+
+def test_other_changes_are_allowed_harmless_ones_noted_the_rest_warned():
     saved = _tree()
     del saved["logging"]  # a key added to the code after the run started
-    notes = run_config.check_resume(
-        saved, _tree(**{"log_every_steps": 7, "eval.knn_every_epochs": 2, "data.num_workers": 3})
-    )
-    assert "log_every_steps: 1 -> 7" in notes
-    assert "eval.knn_every_epochs: 0 -> 2" in notes
-    assert "data.num_workers: 0 -> 3" in notes
-    assert "logging.wandb_project='' (not in the saved config)" in notes
+    notes, warnings = _check(saved, _tree(**{"log_every_steps": 7, "eval.knn_every_epochs": 2,
+                                             "data.num_workers": 3, "epochs": 4, "optim.base_lr": 0.5}))
+    assert notes == [
+        "data.num_workers: 0 -> 3",
+        "eval.knn_every_epochs: 0 -> 2",
+        "log_every_steps: 1 -> 7",
+        "logging.wandb_project='' (not in the saved config)",
+    ]
+    assert warnings == ["epochs: 1 -> 4", "optim.base_lr: 1.5 -> 0.5"]
 
 
 def test_compact_form_has_every_key_once():
@@ -72,11 +84,14 @@ def test_train_writes_config_json_and_refuses_a_changed_resume(tmp_path):
 
     changed = tiny_config.get_config()
     changed.model.num_prototypes = (24,)
-    with pytest.raises(ConfigError, match=r"model.num_prototypes: \[12\] -> \[24\]"):
+    with pytest.raises(ConfigError, match=r"shapes of the state; differing keys: model.num_prototypes: \[12\] -> \[24\]"):
         train(changed, str(tmp_path), max_steps=2)
 
-    cadence = tiny_config.get_config()
-    cadence.log_every_steps = 3
-    train(cadence, str(tmp_path), max_steps=1)  # resumes at step 1: nothing left to run
+    # Same shapes: a harmless change and a schedule change resume (at step 1: nothing left to run).
+    other = tiny_config.get_config()
+    other.log_every_steps = 3
+    other.epochs = 2
+    train(other, str(tmp_path), max_steps=1)
     with open(tmp_path / "config.json") as f:
-        assert json.load(f)["log_every_steps"] == 3
+        recorded = json.load(f)
+    assert recorded["log_every_steps"] == 3 and recorded["epochs"] == 2

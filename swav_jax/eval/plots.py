@@ -161,6 +161,7 @@ def draw_lr(ax, series: Series, info: RunInfo) -> None:
     ax.set_ylabel("learning rate")
     ax.set_title("Learning-rate schedule")
     _step_axis(ax, series)
+    _legend(ax)
 
 
 def draw_entropy(ax, series: Series, info: RunInfo) -> None:
@@ -175,12 +176,13 @@ def draw_entropy(ax, series: Series, info: RunInfo) -> None:
 
 def draw_empty(ax, series: Series, info: RunInfo, key: str = "train/empty_prototypes") -> None:
     noun = "prototypes" if "prototypes" in key else "clusters"
-    _curve(ax, series, key, f"empty {noun}", "C3")
+    _curve(ax, series, key, f"{noun} no sample of the batch picks", "C3")
     of_k = f" (of K = {info.num_clusters:,})" if info.num_clusters else ""
-    ax.set_ylabel(f"{noun} unused by the batch{of_k}")
+    ax.set_ylabel(f"empty {noun} per batch")
     ax.set_ylim(bottom=0)
     ax.set_title(f"Empty {noun}{of_k}")
     _step_axis(ax, series)
+    _legend(ax)
 
 
 def draw_cluster_sizes(ax, series: Series, info: RunInfo) -> None:
@@ -222,6 +224,7 @@ def draw_throughput(ax, series: Series, info: RunInfo) -> None:
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput (compilation and evaluations excluded)")
     _step_axis(ax, series)
+    _legend(ax)
 
 
 def draw_eval(ax, series: Series, info: RunInfo, keys: Sequence[str], ylabel: str) -> None:

@@ -51,8 +51,8 @@ def train(
     Args:
       config: a config from `swav_jax.configs` (base.py defines every key).
       workdir: checkpoints, config.json, metrics.jsonl and TensorBoard files go here.
-        Re-running with the same workdir resumes from its latest checkpoint (with the
-        same config, but for the keys of `run_config.HARMLESS`).
+        Re-running with the same workdir resumes from its latest checkpoint; a config
+        that changes the method or the state's shapes is refused (`run_config`).
       max_steps: stop after this global step (for tests and debugging); the schedule
         still spans `config.epochs`.
       stop_requested: polled after every step (e.g. a SIGTERM flag set by the CLI); once
@@ -69,14 +69,6 @@ def train(
     resolved = run_config.to_dict(config)
     if is_writer:
         print(run_config.format_compact(resolved), flush=True)
-    checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints), method=method)
-    start = checkpointer.latest_step()
-    saved = run_config.read(workdir)
-    if start is not None and saved is not None:
-        for note in run_config.check_resume(saved, resolved):
-            log.info("Resuming with a changed config key: %s", note)
-    if is_writer:
-        run_config.write(workdir, resolved)
     mesh = make_mesh(config)
 
     with phase("opening the data", is_writer):
@@ -86,6 +78,22 @@ def train(
     last_step = total_steps if max_steps is None else min(max_steps, total_steps)
     program = method.build(config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
+    checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints), method=method)
+    start = checkpointer.latest_step()
+    saved = run_config.read(workdir)
+    if start is not None and saved is not None:
+        notes, warnings = run_config.check_resume(
+            saved, resolved, saved_shapes=run_config.shapes(checkpointer.saved_structure(start)),
+            current_shapes=run_config.shapes(program.abstract_state),
+        )
+        for note in notes:
+            log.info("Resuming with a changed config key: %s", note)
+        for warning in warnings:
+            log.warning("Resuming with a changed config key (the run goes on with the new value): %s", warning)
+    if is_writer:
+        run_config.write(workdir, resolved)
+    writer = MetricsWriter(workdir, enabled=is_writer, wandb_project=config.logging.wandb_project)
+    writer.write_config(resolved)
     if start is not None:
         with phase(f"restoring step {start}", is_writer):
             state = checkpointer.restore(start, program.abstract_state, data)
@@ -95,8 +103,6 @@ def train(
             state = jax.block_until_ready(method.on_fresh_start(config, program.init_state(), mesh))
     start = int(state.step)
 
-    writer = MetricsWriter(workdir, enabled=is_writer, wandb_project=config.logging.wandb_project)
-    writer.write_config(resolved)
     log_every = int(config.log_every_steps)
     knn_every = int(config.eval.knn_every_epochs) * steps_per_epoch
     ckpt_every = int(config.checkpoint_every_steps)

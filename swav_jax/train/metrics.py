@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams
 
+from swav_jax.errors import ConfigError
 from swav_jax.train.run_config import flatten, format_compact
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -77,7 +78,13 @@ class MetricsWriter:
 
 def _wandb_run(workdir: str, project: str):
     """A W&B run that a resumed run (same workdir) continues."""
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            f"config.logging.wandb_project is {project!r} but wandb is not installed: "
+            "pip install 'swav-jax[wandb]' (or set it to '')"
+        ) from None
 
     id_path = os.path.join(workdir, WANDB_ID_FILE)
     if os.path.isfile(id_path):

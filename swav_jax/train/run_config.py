@@ -1,10 +1,11 @@
 """The config a run was started with: printed at start, kept in WORKDIR/config.json, and
 compared with the config of a resumed run.
 
-A resumed run must be the same run: any change outside `HARMLESS` (the method, a shape,
-the batch, the schedule, the data, a seed) stops it with the keys that differ. Changes
-to the keys in `HARMLESS` (cadences, evaluation settings, data loading resources,
-logging) are allowed and reported.
+A resumed run may not change the method or the shapes of the state (the checkpoint
+could not hold it): such a resume stops, naming the keys that differ. Other changes
+are allowed and reported: those in `HARMLESS` (cadences, evaluation, logging, data
+loading resources) as notes; the rest (the schedule, a seed, a temperature: the run
+goes on, but not as the run it was) as warnings.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from swav_jax.errors import ConfigError
@@ -86,15 +88,34 @@ def _harmless(key: str) -> bool:
     return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
 
 
-def check_resume(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/backbone/conv_init/kernel': shape, ...} of a state, abstract or saved
+    (orbax metadata): the same paths for both."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def check_resume(
+    saved: dict[str, Any], current: dict[str, Any], *, saved_shapes: dict, current_shapes: dict
+) -> tuple[list[str], list[str]]:
     """Compares the config a run started with (`saved`) with the one resuming it.
 
+    Args:
+      saved, current: configs as `to_dict` gives them.
+      saved_shapes, current_shapes: `shapes` of the checkpointed state and of the
+        state `current` builds.
+
     Returns:
-      One note per allowed difference: a harmless key changed, or a key the saved
-      config does not have (added to the code since the run started).
+      (notes, warnings): the changed harmless keys and the keys the saved config does not
+      have (added to the code since the run started); the other changed keys.
 
     Raises:
-      ConfigError: naming every other key that differs (old -> new).
+      ConfigError: the method or the state's shapes differ, naming every key that differs
+        (old -> new), or, when no key differs, the first state entries that do.
     """
     old, new = flatten(saved), flatten(current)
     notes, changed = [], []
@@ -104,10 +125,17 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         elif old[key] != new.get(key, "<absent>"):
             text = f"{key}: {old[key]!r} -> {new.get(key, '<absent>')!r}"
             (notes if _harmless(key) else changed).append(text)
+    if old.get("method") == new.get("method") and saved_shapes == current_shapes:
+        return notes, changed
+    what = "the method" if old.get("method") != new.get("method") else "the shapes of the state"
     if changed:
-        raise ConfigError(
-            f"this workdir holds a run of another config; differing keys: {'; '.join(changed)}. "
-            f"Resume with the config in {FILENAME} (only {', '.join(HARMLESS)} may change) "
-            "or start a new --workdir"
-        )
-    return notes
+        differ = f"differing keys: {'; '.join(changed)}"
+    else:
+        entries = sorted(k for k in saved_shapes.keys() | current_shapes.keys()
+                         if saved_shapes.get(k) != current_shapes.get(k))
+        differ = "no config key differs, but these state entries do (saved -> now): " + "; ".join(
+            f"{k}: {saved_shapes.get(k)} -> {current_shapes.get(k)}" for k in entries[:5])
+    raise ConfigError(
+        f"this workdir's checkpoints hold a run of another config, which changes {what}; {differ}. "
+        f"Resume with the config in {FILENAME} or start a new --workdir"
+    )

@@ -4,8 +4,6 @@ key. The keys every method shares are checked here; each method checks its own
 
 from __future__ import annotations
 
-import importlib.util
-
 import ml_collections
 
 from swav_jax.checks import is_int, is_real, non_negative_int, positive_int, real, require
@@ -33,17 +31,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     _validate_eval(config.eval)
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "collapse_warning_steps"):
         positive_int(config[key], key)
-    _validate_logging(config.logging)
     require(config.method in method_names(), "method", f"must be one of {method_names()}, got {config.method!r}")
     get_method(config.method).validate(config)
-
-
-def _validate_logging(logging_config: ml_collections.ConfigDict) -> None:
-    project = logging_config.wandb_project
-    require(isinstance(project, str), "logging.wandb_project", f"must be a project name or '', got {project!r}")
-    if project:
-        require(importlib.util.find_spec("wandb") is not None, "logging.wandb_project",
-                "is set but wandb is not installed: pip install 'swav-jax[wandb]'")
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:
