@@ -53,7 +53,7 @@ def describe(name: str) -> dict[str, str]:
     module = importlib.import_module(f"{__name__}.{name}")
     c = module.get_config()
     m = c.model
-    network = m.arch + (f"w{m.width}" if m.width != 1 else "") + (f" /{m.base_width}" if m.base_width != 64 else "")
+    network = m.arch + (f"w{m.width}" if m.width != 1 else "") + (f" (base {m.base_width})" if m.base_width != 64 else "")
     doc = (module.__doc__ or "").strip().splitlines()
     return {
         "name": name,
