@@ -2,8 +2,8 @@
 
 Same data (the 1,437 training digits, 16 px), backbone (the demo's narrow ResNet-18),
 crops (2 x 16 + 4 x 8), batch, number of clusters K (> batch) and number of steps for
-the three methods; each keeps its own recipe's head, optimiser and LR (configs/demo.py
-for SwAV, configs/excb_demo.py for ExCB). Then, for each trained network (SwAV's model,
+the three methods; each keeps its own recipe's head, optimiser and LR (swav_jax/configs/demo.py
+for SwAV, swav_jax/configs/excb_demo.py for ExCB). Then, for each trained network (SwAV's model,
 ExCB's EMA teacher):
   - weighted kNN top-1 on the test split (swav_jax.eval.run.knn_eval, k = 20);
   - cluster usage: every training image (evaluation transform) assigned to its
@@ -29,13 +29,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # swav_jax from a checkout
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from configs import demo, excb_demo  # noqa: E402
+from swav_jax.configs import demo, excb_demo  # noqa: E402
 from swav_jax.data import sources  # noqa: E402
 from swav_jax.data.augment import normalize  # noqa: E402
 from swav_jax.data.eval_batches import eval_batches  # noqa: E402
@@ -165,12 +165,12 @@ def write_report(path, args, cfgs, results, timings, random_knn, load_range, com
         f"{c.crops.size_crops[1]} px. Batch {args.batch}, K = {args.clusters} clusters (K > batch), "
         f"{args.epochs} epochs = {steps} steps each, seed {args.seed}.",
         "",
-        f"- **SwAV, no queue**: configs/demo.py (epsilon {sw.swav.epsilon}, LARS lr {sw.optim.base_lr}, "
+        f"- **SwAV, no queue**: swav_jax/configs/demo.py (epsilon {sw.swav.epsilon}, LARS lr {sw.optim.base_lr}, "
         f"prototypes frozen {sw.swav.freeze_prototypes_niters} steps): Sinkhorn balances {args.batch} samples "
         f"over {args.clusters} prototypes.",
         f"- **SwAV + queue**: the same with a queue of {args.queue_length} embeddings "
         f"({args.queue_length // args.batch} batches) from epoch {args.queue_start_epoch}.",
-        f"- **ExCB**: configs/excb_demo.py (SGD lr {c.optim.base_lr} x batch / 256, momentum "
+        f"- **ExCB**: swav_jax/configs/excb_demo.py (SGD lr {c.optim.base_lr} x batch / 256, momentum "
         f"{c.optim.momentum}, wd {c.optim.weight_decay}, centroid wd {c.excb.centroid_weight_decay} -> "
         f"{c.excb.centroid_weight_decay_end}, centroids initialised by spherical k-means of the "
         f"teacher's projections of the training images, teacher EMA {c.excb.teacher_momentum} -> 1, tracker momentum "

@@ -34,7 +34,7 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # swav_jax from a checkout
 
 from swav_jax.data.multicrop import random_resized_crop_box  # noqa: E402
 
@@ -116,7 +116,7 @@ def main() -> None:
     import grain
     import jax
 
-    from configs.base import get_config
+    from swav_jax.configs.base import get_config
     from swav_jax.data import pipeline
     from swav_jax.data.augment import augment_crops
     from swav_jax.data.crop_resize import crop_groups

@@ -52,7 +52,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # swav_jax, configs, bench
+sys.path.insert(0, ROOT)  # swav_jax, bench
 
 from bench import step_common  # noqa: E402
 
@@ -104,7 +104,7 @@ def flops_per_image(args, num_crops, size_crops) -> int:
 
 
 def make_config(args, num_crops, size_crops, global_batch):
-    from configs import base
+    from swav_jax.configs import base
 
     c = base.get_config()
     c.batch_size = global_batch

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # N CPU processes on this machine, each with D host devices, joined by jax.distributed.
 #
-#   launch/local_multiprocess.sh [--dry-run] N D -- swav-jax train --config configs/demo.py --workdir DIR
+#   launch/local_multiprocess.sh [--dry-run] N D -- swav-jax train --config demo --workdir DIR
 #
 # Every process runs the same command with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 # JAX_PROCESS_ID set and `--distributed auto` appended to `train`, so the program calls

@@ -1,13 +1,15 @@
 """`swav-jax` command line: argument parsing and dispatch only.
 
-    swav-jax train --config configs/demo.py --workdir DIR [--config.key=value ...]
+    swav-jax configs                                   list the recipes
+    swav-jax train --config demo --workdir DIR [--config.key=value ...]
     swav-jax eval knn|linear --config CONFIG --workdir DIR [--checkpoint PATH]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
     swav-jax convert --from-torch CHECKPOINT.pth.tar --arch resnet50 --out DIR
     swav-jax plot --workdir DIR
 
-Config files are Python files with `get_config()`; any key can be overridden with
-`--config.key=value` (ml_collections config flags).
+`--config` takes a recipe name (`swav-jax configs` lists them) or a Python file with
+`get_config()`; any key can be overridden with `--config.key=value` (ml_collections
+config flags).
 """
 
 from __future__ import annotations
@@ -22,36 +24,42 @@ from absl import flags
 from ml_collections import config_flags
 
 
+CONFIG_HELP = (
+    "a recipe name (e.g. --config demo; `swav-jax configs` lists them) or a Python file with "
+    "get_config() (e.g. --config my_recipe.py); override keys with --config.KEY=VALUE "
+    "(e.g. --config.batch_size=256)"
+)
+
+
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config ...` / `--config.key=value` from the other arguments."""
-    config_args, rest = [], []
+    """Separates the `--config.key=value` overrides from the other arguments."""
+    overrides, rest = [], []
     it = iter(argv)
     for arg in it:
-        if arg == "--config":
-            config_args.append(f"--config={next(it, '')}")
-        elif arg.startswith("--config=") or arg.startswith("--config."):
-            if arg.startswith("--config.") and "=" not in arg:
-                config_args.append(f"{arg}={next(it, '')}")
-            else:
-                config_args.append(arg)
+        if arg.startswith("--config."):
+            overrides.append(arg if "=" in arg else f"{arg}={next(it, '')}")
         else:
             rest.append(arg)
-    return config_args, rest
+    return overrides, rest
 
 
 def load_config(config_args: list[str]):
-    """Loads `--config=FILE` with its `--config.key=value` overrides."""
-    files = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
-    if not files:
-        raise SystemExit("error: --config FILE is required (a Python file with get_config())")
-    # Recipes import their base as `configs.base`: make the folder holding configs/ importable.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(files[-1].split(":", 1)[0])))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True)
+    """Loads `--config=NAME|FILE` with its `--config.key=value` overrides."""
+    from swav_jax import configs
+
+    given = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+    if not given:
+        raise SystemExit(f"error: --config is required: {CONFIG_HELP}")
     try:
-        values(["swav-jax"] + config_args)
+        path = configs.resolve(given[-1])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    argv = ["swav-jax", f"--config={path}"] + [a for a in config_args if not a.startswith("--config=")]
+    values = flags.FlagValues()
+    # sys_argv: the overrides are read from these arguments, not from the process's sys.argv.
+    config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
         raise SystemExit(f"error: bad config or override: {e}") from None
     return values.config
@@ -89,6 +97,19 @@ class _Preemption:
         self.requested = True
 
 
+def _configs(args, config_args):
+    del args, config_args
+    from swav_jax import configs
+
+    rows = [configs.describe(name) for name in configs.names()]
+    columns = ("name", "method", "network", "crops", "batch", "epochs")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    for row in [dict(zip(columns, columns), about="reproduces"), *rows]:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["about"])
+    print("\nswav-jax train --config NAME --workdir DIR [--config.KEY=VALUE ...]; "
+          "your own file: start from `from swav_jax.configs import base`.")
+
+
 def _train(args, config_args):
     config = load_config(config_args)
     _distributed_init(args.distributed)
@@ -117,7 +138,9 @@ def _eval(args, config_args):
     results = (knn_eval if args.protocol == "knn" else linear_eval)(config, variables)
     for key, value in results.items():
         print(f"{key} = {value:.2f}")
-    MetricsWriter(args.workdir, enabled=jax.process_index() == 0).write(max(step, 0), results)
+    writer = MetricsWriter(args.workdir, jax.process_index() == 0, wandb_project=config.logging.wandb_project)
+    writer.write(max(step, 0), results)
+    writer.close()
 
 
 def _convert(args, config_args):
@@ -129,21 +152,42 @@ def _convert(args, config_args):
 
 def _plot(args, config_args):
     del config_args
-    import os
+    import ml_collections
 
-    from swav_jax.eval.plots import plot_metrics
+    from swav_jax.eval.plots import RunInfo, plot_metrics, run_info
+    from swav_jax.train import run_config
 
+    saved = run_config.read(args.workdir)  # K, method, batch for the titles and ln K lines
+    info = run_info(ml_collections.ConfigDict(saved)) if saved else RunInfo()
     out_dir = args.out or os.path.join(args.workdir, "plots")
-    for path in plot_metrics(os.path.join(args.workdir, "metrics.jsonl"), out_dir):
+    for path in plot_metrics(os.path.join(args.workdir, "metrics.jsonl"), out_dir, info):
         print(f"wrote {path}")
 
 
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    # The `--config.KEY=VALUE` overrides are taken out of argv before argparse (main).
+    parser.add_argument("--config", metavar="NAME|FILE", required=True, help=CONFIG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swav-jax", description="SwAV self-supervised pretraining in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="swav-jax",
+        description="SwAV self-supervised pretraining in JAX.",
+        epilog="example: swav-jax configs; swav-jax train --config demo --workdir /tmp/swav-demo; "
+        "swav-jax plot --workdir /tmp/swav-demo",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="pretrain (resumes from the latest checkpoint in --workdir)")
-    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("configs", help="list the recipes that --config takes by name")
+    p.set_defaults(run=_configs)
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain (resumes from the latest checkpoint in --workdir)",
+        epilog="example: swav-jax train --config demo --workdir /tmp/swav-demo --config.seed=1",
+    )
+    _add_config_argument(p)
+    p.add_argument("--workdir", required=True, help="checkpoints, config.json, metrics.jsonl, TensorBoard events")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedule unchanged)")
     p.add_argument(
         "--distributed",
@@ -153,15 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("eval", help="kNN or linear probe of a checkpoint's frozen features")
+    p = sub.add_parser(
+        "eval",
+        help="kNN or linear probe of a checkpoint's frozen features",
+        epilog="example: swav-jax eval knn --config demo --workdir /tmp/swav-demo",
+    )
     p.add_argument("protocol", choices=("knn", "linear"))
+    _add_config_argument(p)
     p.add_argument("--workdir", required=True, help="results are appended to WORKDIR/metrics.jsonl")
     p.add_argument("--checkpoint", default=None, help="default: the latest checkpoint in --workdir")
     p.add_argument("--distributed", choices=("auto", "off"), default="off")
     p.set_defaults(run=_eval)
 
-    p = sub.add_parser("show-crops", help="write a grid of the augmented crops of some images")
+    p = sub.add_parser(
+        "show-crops",
+        help="write a grid of the augmented crops of some images",
+        epilog="example: swav-jax show-crops photo.jpg --config swav_800ep --out crops.png",
+    )
     p.add_argument("images", nargs="+")
+    _add_config_argument(p)
     p.add_argument("--out", default="crops.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_show_crops)
@@ -187,10 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_args, rest = _split_config_overrides(argv)
+    overrides, rest = _split_config_overrides(argv)
     args = build_parser().parse_args(rest)
+    config_args = ([f"--config={args.config}"] if getattr(args, "config", None) else []) + overrides
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # jax's INFO lines are probes, not news (e.g. "Unable to initialize backend 'tpu'" on
+    # every machine without one); its warnings still show.
+    logging.getLogger("jax").setLevel(logging.WARNING)
     from swav_jax.errors import ConfigError, NonFiniteLossError
 
     try:

@@ -445,6 +445,7 @@ def load_variables(path: str) -> dict[str, Any]:
     `checkpoints/<step>/state` (for ExCB: its EMA teacher, the network it evaluates),
     saved on any device topology."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "variables")):
@@ -452,11 +453,13 @@ def load_variables(path: str) -> dict[str, Any]:
     if not os.path.isdir(path):
         raise ValueError(f"no orbax checkpoint at {path}")
     params, batch_stats = _eval_fields(path)
-    checkpointer = ocp.StandardCheckpointer()
-    saved = checkpointer.metadata(path).item_metadata.tree
+    # The item's handler, not a Checkpointer: `<step>/state` is one item of a step whose
+    # checkpoint-level metadata lies a folder up, where a Checkpointer would look for it in vain.
+    handler = ocp.StandardCheckpointHandler()
+    saved = handler.metadata(epath.Path(path)).tree
     if not isinstance(saved, Mapping) or params not in saved:
         raise ValueError(f"the checkpoint at {path} has no top-level {params!r}")
-    restored = checkpointer.restore(path, _host_target(saved))
+    restored = handler.restore(epath.Path(path), args=ocp.args.StandardRestore(_host_target(saved)))
     return {"params": restored[params], "batch_stats": restored.get(batch_stats, {})}
 
 

@@ -50,7 +50,7 @@ def lr_schedule(
     Goyal et al. 2017, which starts from the small-batch LR).
 
     Args:
-      optim_config: the `optim` section of the config (configs/base.py).
+      optim_config: the `optim` section of the config (swav_jax/configs/base.py).
       steps_per_epoch: optimiser steps per epoch (global batches per epoch).
       epochs: total epochs of the run.
       batch_size: global batch size, used only for the LR scaling.
@@ -209,7 +209,7 @@ def make_optimizer(
     """LARS over momentum SGD as `optim.lars_mode` says, with frozen leaves.
 
     Args:
-      optim_config: the `optim` section of the config (configs/base.py).
+      optim_config: the `optim` section of the config (swav_jax/configs/base.py).
       schedule: LR per iteration (`lr_schedule`), or a constant.
       freeze_mask: pytree of bools like the params, or a callable params -> mask
         (e.g. `prototype_mask`); True leaves are frozen for `freeze_steps` steps.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.base import get_config
+from swav_jax.configs.base import get_config
 from swav_jax.data import augment
 from swav_jax.errors import ConfigError
 from swav_jax.train.validate import validate_config

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from configs.base import get_config
+from swav_jax.configs.base import get_config
 from swav_jax.data import pipeline, sources
 from swav_jax.data.crop_resize import crop_groups
 

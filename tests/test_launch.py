@@ -54,8 +54,8 @@ def _remote_train(ssh_call):
     return words[words.index("swav-jax"):]
 
 
-POD = ["my-tpu", "us-east5-a", "configs/swav_800ep.py", "gs://bucket/it's run", "--config.batch_size=4096"]
-TRAIN = ["swav-jax", "train", "--config", "configs/swav_800ep.py", "--workdir", "gs://bucket/it's run",
+POD = ["my-tpu", "us-east5-a", "swav_800ep", "gs://bucket/it's run", "--config.batch_size=4096"]
+TRAIN = ["swav-jax", "train", "--config", "swav_800ep", "--workdir", "gs://bucket/it's run",
          "--distributed", "auto", "--config.batch_size=4096"]
 
 
@@ -103,14 +103,14 @@ def test_tpu_pod_usage_errors(fake_tools):
 
 def test_slurm(fake_tools, tmp_path):
     workdir = str(tmp_path / "my run")
-    args = ["launch/slurm_gpu.sbatch", "configs/swav_800ep.py", workdir, "--config.batch_size=4096"]
+    args = ["launch/slurm_gpu.sbatch", "swav_800ep", workdir, "--config.batch_size=4096"]
     dry, _ = fake_tools(args[0], "--dry-run", *args[1:])
     assert not os.path.exists(workdir)
     _, calls = fake_tools(*args)
     assert os.path.isdir(workdir)
     assert _printed(dry.stdout) == calls == [[
         "srun", "--kill-on-bad-exit=1", f"--output={workdir}/%j-%t.log", "swav-jax", "train",
-        "--config", "configs/swav_800ep.py", "--workdir", workdir, "--distributed", "auto", "--config.batch_size=4096",
+        "--config", "swav_800ep", "--workdir", workdir, "--distributed", "auto", "--config.batch_size=4096",
     ]]
 
 

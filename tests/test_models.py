@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import base
+from swav_jax.configs import base
 from swav_jax.models import (
     PROTOTYPES_PREFIX,
     SwAVModel,

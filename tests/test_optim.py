@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import tiny_config
-from configs.base import get_config
+from swav_jax.configs.base import get_config
 from swav_jax.errors import ConfigError
 from swav_jax.optim import (
     FreezeState,

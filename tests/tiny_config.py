@@ -1,6 +1,6 @@
 """A tiny demo config for trainer tests: 16-px digits, a 4-channel ResNet-18, 12 prototypes."""
 
-from configs import demo
+from swav_jax.configs import demo
 
 
 def get_config():

@@ -5,7 +5,7 @@
   crop_resize.py crop_groups: cut, resize (PIL bilinear) and flip the crops (device)
   pipeline.py    make_train_iterator: sharded global uint8 crop batches on the mesh
   augment.py     augment_crops: colour jitter, grayscale, blur, normalise (device)
-  show_crops.py  show_crops: a PNG grid of the augmented crops of some images
+  show_crops.py  show_crops: a PNG of some images, their crop boxes and augmented crops
 
 Import the modules explicitly; this package imports nothing on its own.
 """

@@ -4,7 +4,7 @@ features.extract_features       feature_fn + batches -> host features, labels
 knn.knn_classify / knn_predict  weighted k-NN (DINO protocol), chunked on device
 linear.train_linear_probe       linear head on cached features
 linear.train_linear_probe_on_images   the paper protocol on a frozen feature_fn
-plots.plot_metrics              metrics.jsonl -> PNGs (imported from its module, so
+plots.plot_metrics              metrics.jsonl -> PNGs and a summary page (imported from its module, so
                                 that importing this package does not load matplotlib)
 """
 

@@ -44,8 +44,8 @@ class Method(abc.ABC):
     """A self-supervised method the trainer can run (`config.method = name`).
 
     To add one: subclass this in `swav_jax/methods/<name>.py`, register an instance in
-    `swav_jax/methods/__init__.py`, add its config keys to configs/base.py and a recipe in
-    configs/. The trainer calls, in order: `validate` (once, with the rest of the
+    `swav_jax/methods/__init__.py`, add its config keys to swav_jax/configs/base.py and a recipe in
+    swav_jax/configs/. The trainer calls, in order: `validate` (once, with the rest of the
     config), `build`, `on_fresh_start` (a new run only; not on resume), then per step
     `on_epoch_start` at every epoch boundary and `train_step`.
     """

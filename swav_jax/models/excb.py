@@ -219,7 +219,7 @@ def build_excb_model(config: Any, bn_axis_name: str | tuple[str, ...] | None = N
     hidden_layers, proj_dim, num_clusters).
 
     Args:
-      config: the full config (configs/base.py).
+      config: the full config (swav_jax/configs/base.py).
       bn_axis_name: mapped axis name(s) for cross-device BN; None for single device.
     """
     m, e = config.model, config.excb

@@ -241,7 +241,7 @@ class SwAVModel(nn.Module):
 
 
 def build_model(model_config: Any, bn_axis_name: str | tuple[str, ...] | None = None) -> SwAVModel:
-    """A `SwAVModel` from the config's `model` ConfigDict (configs/base.py).
+    """A `SwAVModel` from the config's `model` ConfigDict (swav_jax/configs/base.py).
 
     Reads arch, width, base_width, small_stem, hidden_dim, proj_dim, num_prototypes and
     dtype (validated by the trainer). `sync_bn_group_size` is the trainer's business: it

@@ -1,1 +1,1 @@
-"""Training: state, optimiser, step, loop, checkpoints; wires models, data and losses together."""
+"""Training: the loop, config validation, checkpoints, metrics and the run's config.json."""

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
@@ -31,6 +32,11 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def saved_structure(self, step: int) -> Any:
+        """The tree of array metadata (`.shape`, `.dtype`) of step's state, read without
+        restoring it."""
+        return ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state").tree
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
         """Starts saving (returns before the write finishes when async)."""

@@ -18,8 +18,9 @@ from swav_jax.errors import NonFiniteLossError
 from swav_jax.eval.run import knn_eval, random_init_variables
 from swav_jax.mesh import data_axes, make_mesh
 from swav_jax.methods import get_method
+from swav_jax.train import run_config
 from swav_jax.train.checkpoint import Checkpointer
-from swav_jax.train.metrics import MetricsWriter, Progress
+from swav_jax.train.metrics import MetricsWriter, Progress, phase
 from swav_jax.train.validate import validate_config
 
 log = logging.getLogger("swav_jax")
@@ -48,9 +49,10 @@ def train(
     """Trains `config.method` as `config` says, checkpointing to and resuming from `workdir`.
 
     Args:
-      config: a config from `configs/` (see configs/base.py for every key).
-      workdir: checkpoints, metrics.jsonl and TensorBoard files go here. Re-running
-        with the same workdir resumes from its latest checkpoint.
+      config: a config from `swav_jax.configs` (base.py defines every key).
+      workdir: checkpoints, config.json, metrics.jsonl and TensorBoard files go here.
+        Re-running with the same workdir resumes from its latest checkpoint; a config
+        that changes the method or the state's shapes is refused (`run_config`).
       max_steps: stop after this global step (for tests and debugging); the schedule
         still spans `config.epochs`.
       stop_requested: polled after every step (e.g. a SIGTERM flag set by the CLI); once
@@ -64,9 +66,13 @@ def train(
     method = get_method(config.method)
     os.makedirs(workdir, exist_ok=True)
     is_writer = jax.process_index() == 0
+    resolved = run_config.to_dict(config)
+    if is_writer:
+        print(run_config.format_compact(resolved), flush=True)
     mesh = make_mesh(config)
 
-    data = pipeline.make_train_iterator(config, mesh=mesh, data_axis=data_axes(mesh))
+    with phase("opening the data", is_writer):
+        data = pipeline.make_train_iterator(config, mesh=mesh, data_axis=data_axes(mesh))
     steps_per_epoch = pipeline.steps_per_epoch(config, data.num_examples)
     total_steps = int(config.epochs) * steps_per_epoch
     last_step = total_steps if max_steps is None else min(max_steps, total_steps)
@@ -74,22 +80,41 @@ def train(
 
     checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints), method=method)
     start = checkpointer.latest_step()
+    saved = run_config.read(workdir)
+    if start is not None and saved is not None:
+        notes, warnings = run_config.check_resume(
+            saved, resolved, saved_shapes=run_config.shapes(checkpointer.saved_structure(start)),
+            current_shapes=run_config.shapes(program.abstract_state),
+        )
+        for note in notes:
+            log.info("Resuming with a changed config key: %s", note)
+        for warning in warnings:
+            log.warning("Resuming with a changed config key (the run goes on with the new value): %s", warning)
+    if is_writer:
+        run_config.write(workdir, resolved)
+    writer = MetricsWriter(workdir, enabled=is_writer, wandb_project=config.logging.wandb_project)
+    writer.write_config(resolved)
     if start is not None:
-        state = checkpointer.restore(start, program.abstract_state, data)
+        with phase(f"restoring step {start}", is_writer):
+            state = checkpointer.restore(start, program.abstract_state, data)
         log.info("Resumed from %s at step %d", checkpointer.directory, start)
     else:
-        state = method.on_fresh_start(config, program.init_state(), mesh)
+        with phase("initialising the state", is_writer):
+            state = jax.block_until_ready(method.on_fresh_start(config, program.init_state(), mesh))
     start = int(state.step)
 
-    writer = MetricsWriter(workdir, enabled=is_writer)
-    progress = Progress(total_steps, int(config.batch_size), start)
+    log_every = int(config.log_every_steps)
+    knn_every = int(config.eval.knn_every_epochs) * steps_per_epoch
+    ckpt_every = int(config.checkpoint_every_steps)
+    # The evaluations still to run, for the ETA: the online kNN, then those at the end.
+    eval_steps = list(range(knn_every * (start // knn_every + 1), last_step, knn_every)) if knn_every else []
+    if last_step == total_steps and config.eval.knn_at_end:
+        eval_steps += [total_steps] * (1 + bool(config.eval.knn_random_init))
+    progress = Progress(total_steps, int(config.batch_size), start, eval_steps=tuple(eval_steps))
     num_clusters = method.num_clusters(config)
     collapse_steps = 0
     collapse_warned = False
     last_metrics: dict = {}
-    log_every = int(config.log_every_steps)
-    knn_every = int(config.eval.knn_every_epochs) * steps_per_epoch
-    ckpt_every = int(config.checkpoint_every_steps)
     if is_writer:
         print(
             f"swav-jax: {config.method}, {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}), "
@@ -102,12 +127,14 @@ def train(
         while step < last_step:
             if step % steps_per_epoch == 0:
                 state = method.on_epoch_start(config, state, step // steps_per_epoch)
-            state, metrics = program.train_step(state, next(data))
-            step += 1
-            if step == start + 1:
+            if step == start:
                 # The first step includes compilation: do not count it in throughput.
-                jax.block_until_ready(metrics)
-                progress.restart_clock(step)
+                with phase("compiling the train step", is_writer):
+                    state, metrics = jax.block_until_ready(program.train_step(state, next(data)))
+                progress.restart_clock(step + 1)
+            else:
+                state, metrics = program.train_step(state, next(data))
+            step += 1
             need_log = step % log_every == 0 or step == last_step
             need_ckpt = step % ckpt_every == 0 or step == last_step
             stop_now = _agreed(stop_requested())
@@ -142,7 +169,9 @@ def train(
                         progress.report(step, steps_per_sec, images_per_sec, host)
                 last_metrics = {"step": step, **host}
             if knn_every and step % knn_every == 0 and step < last_step:
-                _log_eval(writer, step, knn_eval(config, method.eval_variables(state)), is_writer)
+                with progress.evaluation(), phase("kNN evaluation", is_writer):
+                    results = knn_eval(config, method.eval_variables(state))
+                _log_eval(writer, step, results, is_writer)
             if need_ckpt or stop_now:
                 checkpointer.save(step, state, data)
             if stop_now:
@@ -153,9 +182,11 @@ def train(
                 break
         else:
             if step == total_steps and config.eval.knn_at_end:
-                results = knn_eval(config, method.eval_variables(state))
+                with phase("kNN evaluation of the final network", is_writer):
+                    results = knn_eval(config, method.eval_variables(state))
                 if config.eval.knn_random_init:
-                    results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
+                    with phase("kNN evaluation at random initialisation", is_writer):
+                        results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
                 _log_eval(writer, step, results, is_writer)
                 last_metrics.update(results)
     finally:

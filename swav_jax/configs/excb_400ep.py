@@ -1,4 +1,6 @@
-"""ExCB ResNet-50, 400 epochs, batch 1024, 2 x 224 + 6 x 96, K = 65,536 (SPEC §10).
+"""The ExCB paper's ImageNet recipe, K = 65,536: 76.5% linear, 71.0% kNN top-1 reported.
+
+ExCB ResNet-50, 400 epochs, batch 1024, 2 x 224 + 6 x 96, K = 65,536 (SPEC §10).
 
 Maniadis Metaxas et al., ECCV 2024, reported for this recipe: 76.5% ImageNet linear
 top-1 and 71.0% kNN top-1 (numbers of the paper, not reproduced here).
@@ -17,7 +19,7 @@ other global view) and its predictor path (-> all views) half each, where the re
 averages all its pairs equally (swav_jax/balancing.py).
 """
 
-from configs import base
+from swav_jax.configs import base
 
 
 def get_config():

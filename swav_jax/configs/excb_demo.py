@@ -1,4 +1,6 @@
-"""The ExCB demo: the SwAV demo's data, network and crops, at batch 32 with K = 128 > batch.
+"""ExCB on the digits at batch 32, K = 128: 20-NN 88.6-93.1% vs 77.2-80.6% random init (seeds 0-2).
+
+The ExCB demo: the SwAV demo's data, network and crops, at batch 32 with K = 128 > batch.
 
 1,437 training digits (8x8, upscaled to 16 px), the demo's narrow ResNet-18 with the
 small-image stem and its mild augmentation, 2 x 16 px + 4 x 8 px crops, 80 epochs; ExCB's
@@ -16,10 +18,10 @@ teacher sees the two 16 px crops. Measured (2-core CPU, ~4.5 minutes): 88.6% wei
     ~500k steps) and teacher EMA from 0.99 (the paper: 0.996 over 400 ImageNet epochs),
     for a run of 3,520 steps; neither was tuned here.
 
-    swav-jax train --config configs/excb_demo.py --workdir /tmp/excb-demo
+    swav-jax train --config excb_demo --workdir /tmp/excb-demo
 """
 
-from configs import demo
+from swav_jax.configs import demo
 
 
 def get_config():

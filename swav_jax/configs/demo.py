@@ -1,4 +1,6 @@
-"""The demo: SwAV on scikit-learn's bundled digits, on a laptop CPU in a few minutes.
+"""SwAV on the digits, laptop CPU, ~4 min: 20-NN 87.8-92.2% vs 77.2-80.6% random init (seeds 0-2).
+
+The demo: SwAV on scikit-learn's bundled digits, on a laptop CPU in a few minutes.
 
 1,437 training digits (8x8, upscaled to 16 px), a narrow ResNet-18 (base width 8) with
 the small-image stem, 2 x 16 px + 4 x 8 px crops, 64 prototypes, 880 steps, LARS as
@@ -12,10 +14,10 @@ the same time) LARS 0.3 / 0.6 / 1.5 / 4.8 gave 65 / 70 / 74 / 76% against 80% at
 random init; at 16 px, 880 steps, LARS 4.8: 92% against 78%. Milder crops (global
 0.8-1, local 0.4-0.7) helped the short 32 px run (86%) but not the 16 px one (87%).
 
-    swav-jax train --config configs/demo.py --workdir /tmp/swav-demo
+    swav-jax train --config demo --workdir /tmp/swav-demo
 """
 
-from configs import base
+from swav_jax.configs import base
 
 
 def get_config():

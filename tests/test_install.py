@@ -1,0 +1,56 @@
+"""The installed user: `pip install .` (not editable) into a fresh virtual environment,
+then, from an empty directory, the recipes by name, a short demo run, its plots and an
+evaluation; the workdir holds config.json, metrics.jsonl, TensorBoard events and plots."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_non_editable_install_runs_the_demo_by_name_from_an_empty_directory(tmp_path):
+    # Build from a copy of the sources, so that nothing is written into the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "workdir*", ".whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python, swav_jax = str(venv / "bin" / "python"), str(venv / "bin" / "swav-jax")
+    subprocess.run([python, "-m", "pip", "install", "-q", str(source)], check=True, timeout=1800)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def run(*args, timeout=900):
+        result = subprocess.run(args, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    where = run(python, "-c", "import importlib.util, swav_jax; print(swav_jax.__file__); "
+                "print(importlib.util.find_spec('tensorflow'))")
+    assert str(venv) in where.splitlines()[0] and where.splitlines()[1] == "None"  # installed, no TensorFlow
+    listing = run(swav_jax, "configs")
+    assert "demo" in listing and "swav_800ep" in listing
+
+    out = run(swav_jax, "train", "--config", "demo", "--workdir", "W", "--max-steps", "3",
+              "--config.log_every_steps=1", "--config.checkpoint_every_steps=3")
+    assert "compiling the train step ..." in out and "[3/880" in out
+    assert "Unable to initialize backend" not in out
+    workdir = empty / "W"
+    assert (workdir / "config.json").is_file() and (workdir / "metrics.jsonl").is_file()
+    assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+
+    out = run(swav_jax, "eval", "knn", "--config", "demo", "--workdir", "W")
+    assert "eval/knn_top1 = " in out and "_CHECKPOINT_METADATA" not in out
+
+    out = run(swav_jax, "plot", "--workdir", "W")
+    for name in ("loss.png", "eval.png", "summary.png"):
+        assert (workdir / "plots" / name).is_file(), out
