@@ -126,7 +126,6 @@ def make_config(args, num_crops, size_crops, global_batch):
     # Timed steps stand for the bulk of a run, after the prototypes' freeze (the frozen
     # steps compute the same; the freeze is a select).
     c.swav.freeze_prototypes_niters = 0
-    c.data.source = "folder"
     c.data.num_workers = args.workers
     c.data.read_threads = args.read_threads
     c.data.canvas_size = args.canvas
@@ -259,7 +258,7 @@ def run_e2e(args, config, mesh, data_axis, compiled, state, common, fpi, peak) -
     with tempfile.TemporaryDirectory() as folder:
         make_jpegs(folder, args.images)
         with config.unlocked():
-            config.data.data_dir = folder
+            config.data.source, config.data.data_dir = "folder", folder
         # ImageNet's length over the few files: grain's index shuffle is slow for tiny sets.
         source = ImageNetSized(FolderSource(folder))
         it = pipeline.make_train_iterator(config, mesh=mesh, data_axis=data_axis, source=source)

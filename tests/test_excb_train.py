@@ -373,7 +373,7 @@ def test_train_runs_logs_excb_metrics_and_resumes_bit_exact(tmp_path):
     for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(a["teacher_params"]), strict=True):
         np.testing.assert_array_equal(x, y)
     written = [os.path.basename(p) for p in plot_metrics(straight_dir / "metrics.jsonl", tmp_path / "plots")]
-    assert written == ["loss.png", "lr.png", "clusters.png", "throughput.png"]
+    assert written == ["loss.png", "lr.png", "clusters.png", "throughput.png", "summary.png"]
 
     images = np.random.default_rng(3).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
     features = feature_fn(config, variables)(jnp.asarray(images))
