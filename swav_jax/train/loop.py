@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from swav_jax.data import pipeline
 from swav_jax.errors import NonFiniteLossError
-from swav_jax.eval.run import knn_eval, random_init_variables
+from swav_jax.eval.run import knn_eval, knn_eval_raw_pixels, random_init_variables
 from swav_jax.mesh import data_axes, make_mesh
 from swav_jax.methods import get_method
 from swav_jax.train import run_config
@@ -187,6 +187,9 @@ def train(
                 if config.eval.knn_random_init:
                     with phase("kNN evaluation at random initialisation", is_writer):
                         results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
+                if config.eval.knn_raw_pixels:
+                    with phase("kNN of the raw pixels", is_writer):
+                        results.update(knn_eval_raw_pixels(config))
                 _log_eval(writer, step, results, is_writer)
                 last_metrics.update(results)
     finally:
