@@ -2,7 +2,9 @@
 
 Used by `swav-jax eval knn|linear`, by the trainer's online kNN monitor and at the end
 of the demo. Features are the pooled backbone output with eval-mode BatchNorm, of
-images resized and centre-cropped to the first crop resolution (SPEC §8).
+images resized and centre-cropped to the first crop resolution (SPEC §8). The
+raw-pixel baseline (`knn_eval_raw_pixels`) runs the same kNN on the mean-centred pixels
+of those images.
 """
 
 from __future__ import annotations
