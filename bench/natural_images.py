@@ -6,7 +6,7 @@
   table  LOG as a markdown table (one row per run, in order).
 
     python bench/natural_images.py run --log runs.jsonl --name pilot1 --workdir /tmp/r1 -- \\
-        --config configs/cifar_cpu.py --config.data.data_dir=/data/cifar_folder ...
+        --config YOUR_CONFIG --config.data.data_dir=/data/cifar_folder ...
     python bench/natural_images.py table --log runs.jsonl
 """
 
