@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.knn_every_epochs = 0  # online kNN monitor during pretraining; 0: off
     c.eval.knn_at_end = False  # kNN of the final model (and of random init, below)
     c.eval.knn_random_init = False  # also report eval/knn_top1_random_init at the end
+    # ... and eval/knn_top1_raw_pixels: the same kNN on mean-centred pixels of the evaluation
+    # images (host memory N x S*S*3 float32: small data sets only).
+    c.eval.knn_raw_pixels = False
     c.eval.linear_epochs = 100
     c.eval.linear_batch_size = 256
     c.eval.linear_lr = 0.3

@@ -66,6 +66,7 @@ def get_config():
     c.eval.knn_every_epochs = 10
     c.eval.knn_at_end = True
     c.eval.knn_random_init = True
+    c.eval.knn_raw_pixels = True
 
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200

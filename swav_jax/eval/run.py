@@ -2,7 +2,9 @@
 
 Used by `swav-jax eval knn|linear`, by the trainer's online kNN monitor and at the end
 of the demo. Features are the pooled backbone output with eval-mode BatchNorm, of
-images resized and centre-cropped to the first crop resolution (SPEC §8).
+images resized and centre-cropped to the first crop resolution (SPEC §8). The
+raw-pixel baseline (`knn_eval_raw_pixels`) runs the same kNN on the mean-centred pixels
+of those images.
 """
 
 from __future__ import annotations
@@ -85,32 +87,34 @@ def _eval_mesh():
     return jax.make_mesh((jax.device_count(),), ("data",))
 
 
-def extract_split(config, variables, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features and labels of one split of `config.data`."""
+def _split_features(config, fn: Partial, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """fn(uint8 images [b, S, S, 3]) -> [b, F] over one split of `config.data` (the
+    evaluation transform at S = eval.image_size or the first crop size); features, labels."""
     source = sources.make_source(config.data, split)
     size = int(config.eval.image_size or config.crops.size_crops[0])
     batch_size = int(config.eval.batch_size) // jax.process_count()
-    replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     batches = eval_batches(source, size=size, batch_size=batch_size)
-    features, labels = extract_features(
-        feature_fn(config, replicated), batches, mesh=mesh, dtype=np.dtype(config.eval.feature_dtype)
-    )
+    features, labels = extract_features(fn, batches, mesh=mesh, dtype=np.dtype(config.eval.feature_dtype))
     keep = labels >= 0
     return features[keep], labels[keep]
+
+
+def extract_split(config, variables, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features and labels of one split of `config.data`."""
+    replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return _split_features(config, feature_fn(config, replicated), split, mesh)
+
+
+def _pixels(images: jax.Array) -> jax.Array:
+    """uint8 [b, H, W, 3] -> [b, H * W * 3] float32 in [0, 1]."""
+    return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
 
 
 def _num_classes(*label_arrays: np.ndarray) -> int:
     return int(max(int(np.max(a)) for a in label_arrays)) + 1
 
 
-def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, suffix: str = "") -> dict:
-    """Weighted kNN (k = config.eval.knn_k, T = config.eval.knn_temperature) on the train
-    split as the bank and `data.eval_split` as queries. Returns {'eval/knn_top1': %, ...};
-    the first k gives the plain keys, others e.g. 'eval/knn_top1@200'; `suffix` is
-    appended to every key (e.g. '_random_init')."""
-    mesh = _eval_mesh()
-    train_x, train_y = extract_split(config, variables, config.data.split, mesh)
-    test_x, test_y = extract_split(config, variables, config.data.eval_split, mesh)
+def _knn_results(config, train_x, train_y, test_x, test_y, mesh, suffix: str) -> dict:
     ks = tuple(int(k) for k in config.eval.knn_k)
     result = knn_classify(
         train_x, train_y, test_x, test_y,
@@ -125,6 +129,31 @@ def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, su
         out[f"eval/knn_top1{at}{suffix}"] = result[k]["top1"]
         out[f"eval/knn_top5{at}{suffix}"] = result[k]["top5"]
     return out
+
+
+def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, suffix: str = "") -> dict:
+    """Weighted kNN (k = config.eval.knn_k, T = config.eval.knn_temperature) on the train
+    split as the bank and `data.eval_split` as queries. Returns {'eval/knn_top1': %, ...};
+    the first k gives the plain keys, others e.g. 'eval/knn_top1@200'; `suffix` is
+    appended to every key (e.g. '_random_init')."""
+    mesh = _eval_mesh()
+    train_x, train_y = extract_split(config, variables, config.data.split, mesh)
+    test_x, test_y = extract_split(config, variables, config.data.eval_split, mesh)
+    return _knn_results(config, train_x, train_y, test_x, test_y, mesh, suffix)
+
+
+def knn_eval_raw_pixels(config: ml_collections.ConfigDict) -> dict:
+    """The same kNN as `knn_eval` on mean-centred pixels instead of network features: the
+    evaluation images (same transform and size) flattened to S * S * 3 values in [0, 1],
+    minus the mean image of the bank (train split), for bank and queries alike. Returns
+    {'eval/knn_top1_raw_pixels': %, ...}. Host memory: (N + M) x S * S * 3 float32 (4660
+    images at 32 px: 57 MB), so meant for small data sets, not ImageNet."""
+    mesh = _eval_mesh()
+    pixels = Partial(_pixels)
+    train_x, train_y = _split_features(config, pixels, config.data.split, mesh)
+    test_x, test_y = _split_features(config, pixels, config.data.eval_split, mesh)
+    mean = train_x.mean(axis=0, dtype=np.float64).astype(train_x.dtype)
+    return _knn_results(config, train_x - mean, train_y, test_x - mean, test_y, mesh, "_raw_pixels")
 
 
 def linear_eval(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> dict:

@@ -76,6 +76,12 @@ class Method(abc.ABC):
     def collapse_hint(self, config: ml_collections.ConfigDict) -> str:
         """What to change when the loss sits at ln K."""
 
+    def usage_watch(self, config: ml_collections.ConfigDict) -> tuple[int, str] | None:
+        """(prototypes a step's codes can use, what to change when they use only a few),
+        for methods that log train/assignment_entropy; None: the loss is watched alone."""
+        del config
+        return None
+
     def on_fresh_start(self, config: ml_collections.ConfigDict, state: Any, mesh: Mesh) -> Any:
         """Data-dependent initialisation before the first step of a new run."""
         del config, mesh

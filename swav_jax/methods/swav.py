@@ -248,3 +248,19 @@ class SwAV(scaffold.Method):
             "(swav.epoch_queue_starts, swav.queue_length), freeze the prototypes longer "
             "(swav.freeze_prototypes_niters), fewer prototypes (model.num_prototypes), a lower learning rate."
         )
+
+    def usage_watch(self, config):
+        codes = len(config.swav.crops_for_assign) * int(config.batch_size)
+        if int(config.swav.queue_length) > 0:
+            hint = (
+                "the batch's assignments collapsed onto a few prototypes while the queue holds the rest: "
+                "its embeddings are too stale for this learning rate. Usual remedies: no queue "
+                "(swav.queue_length=0) or a shorter one, start it later (swav.epoch_queue_starts), a "
+                "lower learning rate (optim.base_lr)."
+            )
+        else:
+            hint = (
+                "the batch's assignments collapsed onto a few prototypes. Usual remedies: a smaller "
+                "swav.epsilon, more swav.sinkhorn_iterations, a lower learning rate."
+            )
+        return min(self.num_clusters(config), codes), hint

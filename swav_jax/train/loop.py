@@ -15,11 +15,12 @@ from jax.experimental import multihost_utils
 
 from swav_jax.data import pipeline
 from swav_jax.errors import NonFiniteLossError
-from swav_jax.eval.run import knn_eval, random_init_variables
+from swav_jax.eval.run import knn_eval, knn_eval_raw_pixels, random_init_variables
 from swav_jax.mesh import data_axes, make_mesh
 from swav_jax.methods import get_method
 from swav_jax.train import run_config
 from swav_jax.train.checkpoint import Checkpointer
+from swav_jax.train.collapse import CollapseWatch
 from swav_jax.train.metrics import MetricsWriter, Progress, phase
 from swav_jax.train.validate import validate_config
 
@@ -111,9 +112,7 @@ def train(
     if last_step == total_steps and config.eval.knn_at_end:
         eval_steps += [total_steps] * (1 + bool(config.eval.knn_random_init))
     progress = Progress(total_steps, int(config.batch_size), start, eval_steps=tuple(eval_steps))
-    num_clusters = method.num_clusters(config)
-    collapse_steps = 0
-    collapse_warned = False
+    collapse_watch = CollapseWatch(config, method, log_every)
     last_metrics: dict = {}
     if is_writer:
         print(
@@ -149,18 +148,11 @@ def train(
                         "a batch much smaller than the number of prototypes without a queue, fp16 overflow."
                     )
                 if need_log:
-                    # The collapse watch samples the logged steps.
-                    near_log_k = abs(host["train/loss"] - math.log(num_clusters)) < 0.01 * math.log(num_clusters)
-                    collapse_steps = collapse_steps + log_every if near_log_k else 0
-                    if collapse_steps >= int(config.collapse_warning_steps) and not collapse_warned:
-                        message = (
-                            f"The loss has stayed within 1% of ln(K) = {math.log(num_clusters):.3f} for "
-                            f"{collapse_steps} steps: " + method.collapse_hint(config)
-                        )
+                    message = collapse_watch.update(host)  # samples the logged steps
+                    if message:
                         log.warning(message)
                         if is_writer:
                             print("WARNING: " + message, flush=True)
-                        collapse_warned = True
                     steps_per_sec, images_per_sec = progress.rate(step)
                     host["train/images_per_sec"] = images_per_sec
                     host["train/epoch"] = step / steps_per_epoch
@@ -187,6 +179,9 @@ def train(
                 if config.eval.knn_random_init:
                     with phase("kNN evaluation at random initialisation", is_writer):
                         results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
+                if config.eval.knn_raw_pixels:
+                    with phase("kNN of the raw pixels", is_writer):
+                        results.update(knn_eval_raw_pixels(config))
                 _log_eval(writer, step, results, is_writer)
                 last_metrics.update(results)
     finally:
