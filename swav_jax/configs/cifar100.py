@@ -1,4 +1,4 @@
-"""SwAV on CIFAR-100 (GPU): swav_jax/configs/cifar10.py's solo-learn recipe on TFDS `cifar100`.
+"""SwAV on CIFAR-100 (GPU): the cifar10 recipe (solo-learn's) on TFDS `cifar100`.
 
 solo-learn reports 64.88% top-1 (88.78% top-5) linear evaluation for it (README of
 github.com/vturrisi/solo-learn; their number, not a run of ours). Same settings as
