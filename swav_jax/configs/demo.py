@@ -1,4 +1,4 @@
-"""SwAV on the digits, laptop CPU, ~4 min: 20-NN 87.8-92.2% vs 77.2-80.6% random init (seeds 0-2).
+"""SwAV on the digits, laptop CPU, ~4 min: 20-NN 87.8-92.2% vs 77.2-80.6% random init, 94.4% raw pixels.
 
 The demo: SwAV on scikit-learn's bundled digits, on a laptop CPU in a few minutes.
 
