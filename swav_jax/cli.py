@@ -2,7 +2,8 @@
 
     swav-jax configs                                   list the recipes
     swav-jax train --config demo --workdir DIR [--config.key=value ...]
-    swav-jax eval knn|linear --config CONFIG --workdir DIR [--checkpoint PATH]
+    swav-jax eval knn|linear|finetune --config CONFIG --workdir DIR [--checkpoint PATH]
+        [--protocol images|features] [--labels-fraction F] [--subset-file FILE] [--max-epochs N]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
     swav-jax convert --from-torch CHECKPOINT.pth.tar --arch resnet50 --out DIR
     swav-jax plot --workdir DIR
@@ -126,20 +127,56 @@ def _show_crops(args, config_args):
     print(f"wrote {args.out}")
 
 
+def _check_eval_options(args) -> None:
+    """Options of one evaluation given to another are refused, not ignored."""
+    applies = {
+        "--protocol": (args.protocol, ("linear",)),
+        "--labels-fraction": (args.labels_fraction, ("finetune",)),
+        "--subset-file": (args.subset_file, ("finetune",)),
+        "--max-epochs": (args.max_epochs, ("linear", "finetune")),
+    }
+    for flag, (value, evaluations) in applies.items():
+        if value is not None and args.evaluation not in evaluations:
+            raise ValueError(f"{flag} does not apply to `swav-jax eval {args.evaluation}`")
+    if args.protocol == "features" and args.max_epochs is not None:
+        raise ValueError("--max-epochs applies to the image protocols, not to --protocol features")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ValueError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+
+
 def _eval(args, config_args):
     _distributed_init(args.distributed)
     import jax
 
-    from swav_jax.eval.run import knn_eval, linear_eval, load_variables
+    from swav_jax.eval import run
     from swav_jax.train.metrics import MetricsWriter
+    from swav_jax.train.validate import validate_eval_config
 
+    _check_eval_options(args)
     config = load_config(config_args)
-    variables, step = load_variables(args.checkpoint or args.workdir)
-    results = (knn_eval if args.protocol == "knn" else linear_eval)(config, variables)
-    for key, value in results.items():
-        print(f"{key} = {value:.2f}")
+    if args.labels_fraction is not None:
+        config.eval.finetune.labels_fraction = args.labels_fraction
+    if args.subset_file is not None:
+        config.eval.finetune.subset_file = args.subset_file
+    validate_eval_config(
+        config, args.evaluation, num_devices=jax.device_count(), num_processes=jax.process_count()
+    )
+    source = args.checkpoint or args.workdir
+    variables, step = run.load_variables(source)
+    evaluated = f"{os.path.abspath(source)} (step {step})"
+    if args.evaluation == "knn":
+        results = run.knn_eval(config, variables)
+    elif args.protocol == "features":
+        results = run.linear_features_eval(config, variables)
+    else:
+        protocol = run.linear_eval if args.evaluation == "linear" else run.finetune_eval
+        results = protocol(config, variables, args.workdir, evaluated=evaluated, max_epochs=args.max_epochs)
+    metrics = {k: v for k, v in results.items() if k.startswith("eval/")}
+    if jax.process_index() == 0:
+        for key, value in results.items():
+            print(f"{key} = {value:.2f}" if key in metrics else f"{key} = {value}")
     writer = MetricsWriter(args.workdir, jax.process_index() == 0, wandb_project=config.logging.wandb_project)
-    writer.write(max(step, 0), results)
+    writer.write(max(step, 0), metrics)
     writer.close()
 
 
@@ -199,14 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="kNN or linear probe of a checkpoint's frozen features",
-        epilog="example: swav-jax eval knn --config demo --workdir /tmp/swav-demo",
+        help="kNN, linear probe or semi-supervised fine-tuning of a checkpoint",
+        epilog="example: swav-jax eval linear --config demo --workdir /tmp/swav-demo",
     )
-    p.add_argument("protocol", choices=("knn", "linear"))
+    p.add_argument("evaluation", choices=("knn", "linear", "finetune"))
     _add_config_argument(p)
     p.add_argument("--workdir", required=True, help="results are appended to WORKDIR/metrics.jsonl")
     p.add_argument("--checkpoint", default=None, help="default: the latest checkpoint in --workdir")
     p.add_argument("--distributed", choices=("auto", "off"), default="off")
+    p.add_argument("--protocol", choices=("images", "features"), default=None,
+                   help="linear: the release's probe on augmented images (the default; checkpointed in "
+                   "WORKDIR/linear_probe) or the fast one on cached centre-crop features")
+    p.add_argument("--labels-fraction", type=float, default=None,
+                   help="finetune: class-balanced fraction of the training labels (config eval.finetune.labels_fraction)")
+    p.add_argument("--subset-file", default=None,
+                   help="finetune: the training images to use, one file name per line (e.g. SimCLR's 1percent.txt)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="linear (images) / finetune: stop after this epoch; rerun to continue")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser(

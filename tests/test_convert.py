@@ -284,6 +284,37 @@ def test_outputs_match_pytorch(name):
     assert float(jnp.abs(features).mean()) > 0.1  # not a trivially small comparison
 
 
+def test_running_statistics_after_training_export_as_torch_computes_them():
+    """Converted release weights trained a few train-mode steps here, exported back: the
+    BN running means and variances are what PyTorch computes on the same batches (its
+    unbiased running variance; the head's BatchNorm1d sees 4 rows, so n / (n - 1) = 4/3)."""
+    import copy
+
+    name = "r50_w2_head"
+    model = copy.deepcopy(_setup(name)[0])
+    variables = torch_state_dict_to_variables(_release_state_dict(model), **_convert_kwargs(name))
+    flax_model = model_for_variables(variables, **_convert_kwargs(name))
+    batches = [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
+
+    for m in model.modules():
+        if isinstance(m, (tnn.BatchNorm1d, tnn.BatchNorm2d)):
+            m.momentum = 0.1  # the release's (and torch's) default
+    model.train()
+    with torch.no_grad():
+        for images in batches:
+            model.forward_head(model.forward_backbone(images))
+
+    step = jax.jit(lambda v, x: flax_model.apply(v, [x[None]], train=True, mutable=["batch_stats"])[1])
+    for images in batches:
+        variables = {**variables, "batch_stats": step(variables, _nhwc(images))["batch_stats"]}
+    exported = variables_to_torch_state_dict(jax.device_get(variables))
+    want = _release_state_dict(model)
+    stats = [k for k in want if k.endswith(("running_mean", "running_var"))]
+    assert "module.projection_head.1.running_var" in stats and len(stats) > 100
+    for k in stats:
+        np.testing.assert_allclose(exported[k].numpy(), want[k].numpy(), rtol=2e-4, atol=1e-5, err_msg=k)
+
+
 def test_backbone_only_checkpoint_as_torch_hub():
     """torch.hub's model: no prefix, no head, plus a random `fc` that must be dropped on purpose."""
     model, images = _setup("r50_w2_head")

@@ -1,20 +1,20 @@
-"""Linear probe: a float64 NumPy restatement of the release's SGD, separable data, and the
-image-batch protocol against the cached-feature one."""
+"""Linear probe: a float64 NumPy restatement of the release's SGD (cached features and the
+image protocols' sharded step), separable data, best and final epochs."""
 
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-from jax.tree_util import Partial
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from swav_jax.eval import images as eval_images
 from swav_jax.eval.linear import (
     init_linear,
+    linear_apply,
     probe_lr,
+    probe_optimizer,
     train_linear_probe,
-    train_linear_probe_on_images,
 )
 
 
@@ -102,49 +102,47 @@ def test_solves_a_linearly_separable_problem():
     assert metrics["test_top5"] == 100.0
     assert [e for e, _ in seen] == list(range(10))
     assert seen[0][1]["lr"] == pytest.approx(0.3) and seen[-1][1]["loss"] < seen[0][1]["loss"]
+    # Best: the first epoch of highest test top-1; final: the last epoch's.
+    test_top1 = [stats["test_top1"] for _, stats in seen]
+    assert metrics["test_top1"] == test_top1[-1] and metrics["best_test_top1"] == max(test_top1)
+    assert metrics["best_epoch"] == test_top1.index(max(test_top1))
+    assert metrics["best_test_top5"] == seen[metrics["best_epoch"]][1]["test_top5"]
 
 
-def test_image_protocol_matches_cached_features_on_a_mesh():
+def test_image_step_matches_float64_reference_sgd():
+    """The image protocols' sharded step (swav_jax.eval.images) with a linear head on the
+    flattened pixels: the release's SGD, the per-epoch LR given to each step."""
     rng = np.random.default_rng(2)
-    x, y = _clusters(rng, 90, 5, 12, scale=3.0)
-    xtr, ytr, xte, yte = x[:60], y[:60], x[60:], y[60:]
+    x, y = _clusters(rng, 16, 4, 12, scale=2.0)
+    pixels = x.reshape(1, 16, 2, 2, 3)  # one crop of 2 x 2 x 3 "pixels" per example, as the pipeline's layout
 
-    def apply(scale, images):  # a frozen "network": the features are the first channel
-        return scale * images[..., 0].reshape(images.shape[0], -1)
+    def forward(frozen, params, batch_stats, batch, train):
+        del frozen, train
+        return linear_apply(params, batch.reshape(batch.shape[0], -1)), batch_stats
 
-    feature_fn = Partial(apply, jnp.float32(1.0))  # its "weights" are traced arguments
-
-    def as_images(f):
-        return np.repeat(f.reshape(len(f), 3, 4, 1), 3, axis=-1)
-
-    def batches(f, labels, size):
-        for start in range(0, len(f), size):
-            yield {
-                "image": as_images(f[start : start + size]),
-                "label": labels[start : start + size],
-            }
-
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    # One batch of 60 per epoch (padded to 64 over 8 devices): the same full-batch steps
-    # as the cached-feature probe with batch_size >= 60.
-    params, metrics = train_linear_probe_on_images(
-        feature_fn,
-        lambda epoch: batches(xtr, ytr, 60),
-        batches(xte, yte, 7),
-        num_classes=5,
-        mesh=mesh,
-        epochs=5,
-        seed=4,
+    init = init_linear(jax.random.key(5), 12, 4)
+    classifier = eval_images.Classifier(
+        name="t", forward=forward, frozen=(), init=lambda: (init, {}),
+        learning_rates=lambda epoch: probe_lr(0.5, epoch, 2), epochs=2, batch_size=16,
+        momentum=0.9, weight_decay=1e-2, settings={},
     )
-    cached_params, cached = train_linear_probe(
-        xtr, ytr, xte, yte, num_classes=5, epochs=5, batch_size=60, seed=4
+    mesh = eval_images.eval_mesh()
+    tx = probe_optimizer(0.9, 1e-2)
+    train_step, _ = eval_images.make_steps(classifier, mesh, tx)
+    state = eval_images.initial_state(classifier, mesh, tx)
+    crops = (jax.device_put(pixels, NamedSharding(mesh, P(None, "data"))),)
+    labels = jax.device_put(y.astype(np.int32), NamedSharding(mesh, P("data")))
+    for epoch in range(2):
+        lr = eval_images._replicated(classifier.learning_rates(epoch), mesh)
+        state, sums = train_step(eval_images._replicated((), mesh), state, crops, labels, lr)
+    w, b = _reference_full_batch(
+        x, y, np.asarray(init["kernel"]), np.asarray(init["bias"]),
+        num_classes=4, epochs=2, lr=0.5, momentum=0.9, wd=1e-2,
     )
-    np.testing.assert_allclose(params["kernel"], cached_params["kernel"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(params["bias"], cached_params["bias"], rtol=1e-4, atol=1e-6)
-    assert (
-        metrics["test_top1"] == cached["test_top1"] and metrics["test_top5"] == cached["test_top5"]
-    )
-    assert metrics["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-4)
+    params = jax.device_get(state.params)
+    np.testing.assert_allclose(params["kernel"], w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(params["bias"], b, rtol=1e-4, atol=1e-6)
+    assert float(jax.device_get(sums["count"])) == 16
 
 
 def test_bad_arguments():

@@ -23,6 +23,7 @@ from swav_jax.models import (
     normalize_prototypes,
     resnet,
 )
+from swav_jax.models.resnet import batch_norm
 from swav_jax.errors import ConfigError
 from swav_jax.mesh import sync_bn_mesh_shape
 from swav_jax.train.validate import validate_config
@@ -80,14 +81,15 @@ def _np_maxpool(x):
 def _np_bn(x, params, stats, new_stats, train):
     """BatchNorm over all axes but the last; records updated running stats in new_stats.
 
-    Running variance takes the biased batch variance (Flax; PyTorch would use the
-    unbiased one, see resnet.py).
+    torch.nn.BatchNorm: normalises with the biased batch variance, and updates the running
+    variance with the unbiased one (n / (n - 1), n the values per channel).
     """
     axes = tuple(range(x.ndim - 1))
     if train:
         mean, var = x.mean(axes), x.var(axes)
+        n = x.size // x.shape[-1]
         new_stats["mean"] = (1 - MOMENTUM) * stats["mean"] + MOMENTUM * mean
-        new_stats["var"] = (1 - MOMENTUM) * stats["var"] + MOMENTUM * var
+        new_stats["var"] = (1 - MOMENTUM) * stats["var"] + MOMENTUM * var * n / (n - 1)
     else:
         mean, var = stats["mean"], stats["var"]
         new_stats.update(stats)
@@ -657,6 +659,91 @@ def test_grouped_sync_bn_equals_per_group_single_device():
         _assert_tree_close(
             jax.tree.map(lambda x: x[g], stats), _to_np(ref["batch_stats"]), rtol=1e-4, atol=1e-5
         )
+
+
+def _bn_statement(x, stats, axes):
+    """torch.nn.BatchNorm's train-mode update, float64: running mean and var (unbiased,
+    n = values per channel over `axes`), and the output (biased variance)."""
+    x = np.asarray(x, np.float64)
+    n = x.size // x.shape[-1]
+    mean, var = x.mean(axes), x.var(axes)
+    running = {
+        "mean": (1 - MOMENTUM) * stats["mean"] + MOMENTUM * mean,
+        "var": (1 - MOMENTUM) * stats["var"] + MOMENTUM * var * n / (n - 1),
+    }
+    return running, (x - mean) / np.sqrt(var + EPS)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_norm_running_variance_is_unbiased(recompute, fast):
+    """Train mode: output with the biased batch variance, running variance updated with
+    the unbiased one, as PyTorch; also over a (2, 4) mesh with BN groups of 4 devices,
+    where n is the group's total count."""
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=(16, 3, 2, 5))).astype(np.float32)
+    stats = {"mean": rng.normal(size=5), "var": rng.uniform(0.5, 1.5, size=5)}
+    variables = {
+        "params": {"scale": np.ones(5, np.float32), "bias": np.zeros(5, np.float32)},
+        "batch_stats": jax.tree.map(np.float32, stats),
+    }
+
+    def module(axis_name):
+        return batch_norm(
+            jnp.float32, axis_name, recompute=recompute, use_running_average=False, use_fast_variance=fast
+        )
+
+    y, new = module(None).apply(variables, x, mutable=["batch_stats"])
+    want_stats, want_y = _bn_statement(x, stats, (0, 1, 2))
+    _assert_tree_close(new["batch_stats"], want_stats, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(want_stats["var"], (1 - MOMENTUM) * stats["var"] + MOMENTUM * x.var((0, 1, 2)))
+
+    mesh = jax.make_mesh((2, 4), ("data", "bn"))
+    batch = P(("data", "bn"))
+
+    def body(v, xs):
+        out, updated = module("bn").apply(v, xs, mutable=["batch_stats"])
+        return out, jax.tree.map(lambda a: a[None], updated["batch_stats"])
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), batch), out_specs=(batch, P("data"))))
+    y, grouped = jax.device_get(fn(jax.device_put(variables, NamedSharding(mesh, P())),
+                                   jax.device_put(x, NamedSharding(mesh, batch))))
+    for g in range(2):  # group g holds rows 8g .. 8g + 7: n = 8 * 3 * 2 values per channel
+        want_stats, want_y = _bn_statement(x[8 * g : 8 * g + 8], stats, (0, 1, 2))
+        _assert_tree_close(jax.tree.map(lambda a: a[g], grouped), want_stats, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y[8 * g : 8 * g + 8], want_y, rtol=1e-4, atol=1e-4)
+
+
+def test_recomputed_batch_norm_saves_only_its_input_and_statistics(capsys):
+    """The rematerialised BatchNorm keeps, per layer, its bf16 input and two float32
+    [C] sums for the backward pass (no float32 copy of the activation), with gradients
+    bitwise equal to the plain layer's."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 16), jnp.bfloat16)
+    grads = []
+    for recompute in (False, True):
+        bn = batch_norm(jnp.bfloat16, None, recompute=recompute, use_running_average=False)
+        stats = bn.init(jax.random.key(1), x)["batch_stats"]
+
+        def loss(params, x):
+            y, _ = bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return jnp.sum(y.astype(jnp.float32) * jnp.arange(16.0))
+
+        params = {"scale": jnp.linspace(0.5, 1.5, 16), "bias": jnp.zeros(16)}
+        grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
+    print_saved_residuals(loss, params, x)
+    saved = capsys.readouterr().out
+    assert "bf16[8,8,8,16]" in saved and "f32[8,8,8,16]" not in saved.replace("bf16[8,8,8,16]", "")
+    jax.tree.map(np.testing.assert_array_equal, grads[0], grads[1])
+
+
+def test_batch_norm_needs_two_values_per_channel():
+    bn = batch_norm(jnp.float32, None, use_running_average=False)
+    variables = bn.init(jax.random.key(0), jnp.zeros((1, 4)))  # initialisation updates nothing
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn.apply(variables, jnp.zeros((1, 4)), mutable=["batch_stats"])
 
 
 def test_sync_bn_mesh_shape():

@@ -116,10 +116,27 @@ def get_config() -> ml_collections.ConfigDict:
     # ... and eval/knn_top1_raw_pixels: the same kNN on mean-centred pixels of the evaluation
     # images (host memory N x S*S*3 float32: small data sets only).
     c.eval.knn_raw_pixels = False
+    # Linear probe (the release's eval_linear.py): SGD momentum 0.9, cosine per epoch.
     c.eval.linear_epochs = 100
-    c.eval.linear_batch_size = 256
+    c.eval.linear_batch_size = 256  # global
     c.eval.linear_lr = 0.3
     c.eval.linear_weight_decay = 1e-6
+    # Probe and fine-tuning train on RandomResizedCrop(eval image size, this area scale) + flip
+    # (torchvision's default scale, as the release).
+    c.eval.crop_scale = (0.08, 1.0)
+    # Semi-supervised fine-tuning (the release's eval_semisup.py; swav-jax eval finetune):
+    # the whole network + a new linear head on a labelled subset, SGD momentum 0.9, no weight
+    # decay, LRs times gamma at each decay epoch. Defaults: its 10% setting
+    # (recipe swav_semisup_10pct; swav_semisup_1pct for 1%).
+    c.eval.finetune = ml_collections.ConfigDict()
+    c.eval.finetune.labels_fraction = 0.1  # class-balanced subset drawn with c.seed ...
+    c.eval.finetune.subset_file = ""  # ... unless this lists the images (one file name per line)
+    c.eval.finetune.epochs = 20
+    c.eval.finetune.batch_size = 256  # global
+    c.eval.finetune.lr = 0.01  # trunk
+    c.eval.finetune.lr_head = 0.2
+    c.eval.finetune.decay_epochs = (12, 16)
+    c.eval.finetune.gamma = 0.2
 
     # Loop, logging, checkpoints.
     c.log_every_steps = 50

@@ -63,6 +63,13 @@ def get_config():
     c.optim.warmup_epochs = 1
 
     c.eval.knn_k = (20,)
+    # The image protocols (swav-jax eval linear / finetune) on 16 px digits: crops of the
+    # demo's global-crop scale (RandomResizedCrop's default 0.08 leaves a few pixels of a
+    # digit), 30 probe epochs, and a fine-tuning batch that fits the 144 digits of a 10%
+    # subset (use --config.eval.finetune.batch_size=8 for the 14 of 1%).
+    c.eval.crop_scale = (0.6, 1.0)
+    c.eval.linear_epochs = 30
+    c.eval.finetune.batch_size = 16
     c.eval.knn_every_epochs = 10
     c.eval.knn_at_end = True
     c.eval.knn_random_init = True

@@ -19,12 +19,18 @@ Sources (`c.data.source`):
           `c.data.image_size` px (0 keeps 8 px), grey replicated to RGB uint8.
           Deterministic split: the first 1437 images (80%) are 'train', the last
           360 are 'test'.
-Plus `ArraySource(images, labels)` for any in-memory arrays.
+Plus `ArraySource(images, labels)` for any in-memory arrays, and `SubsetSource(source,
+indices)` for some records of another source (the labelled subsets of fine-tuning).
+
+Every source also gives every record's label (`labels()`), the number of classes
+(`num_classes()`) and, where records have file names (folder, tfds), `file_names()`,
+without decoding images; the TFDS source reads every record once for them.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,6 +72,16 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = -1 if self._labels is None else int(self._labels[index])
         return {"image": self._images[index], "label": label}
+
+    def labels(self) -> np.ndarray:
+        """int64 [N], -1 for unlabeled data."""
+        return np.full((len(self),), -1, np.int64) if self._labels is None else self._labels.copy()
+
+    def num_classes(self) -> int:
+        return int(self.labels().max()) + 1
+
+    def file_names(self) -> list[str]:
+        raise ValueError("in-memory images (ArraySource, the digits) have no file names")
 
     def __repr__(self) -> str:
         return f"ArraySource(num_records={len(self)})"
@@ -118,6 +134,17 @@ class FolderSource:
             data = b""
         return {"image": data, "label": self._labels[index], "path": path}
 
+    def labels(self) -> np.ndarray:
+        """int64 [N], -1 for a flat folder."""
+        return np.asarray(self._labels, np.int64)
+
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def file_names(self) -> list[str]:
+        """Each record's file name without its folder, e.g. 'n01440764_10026.JPEG'."""
+        return [os.path.basename(p) for p in self._paths]
+
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, num_records={len(self)}, num_classes={len(self.classes)})"
 
@@ -152,8 +179,62 @@ class TfdsSource:
         record = self._source[index]
         return {"image": record["image"], "label": int(record.get("label", -1))}
 
+    def _column(self, key: str, default: Any) -> list[Any]:
+        # ArrayRecord rows are whole examples: reading a field reads the record.
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda i: self._source[i].get(key, default), range(len(self))))
+
+    def labels(self) -> np.ndarray:
+        """int64 [N] (-1 without a 'label' feature); reads every record once."""
+        return np.asarray(self._column("label", -1), np.int64)
+
+    def num_classes(self) -> int:
+        try:  # a ClassLabel feature knows its classes; otherwise scan the labels
+            return int(self._source.dataset_info.features["label"].num_classes)
+        except (AttributeError, KeyError, TypeError):
+            return int(self.labels().max()) + 1
+
+    def file_names(self) -> list[str]:
+        """The 'file_name' feature (imagenet2012 has it); reads every record once."""
+        names = self._column("file_name", None)
+        if any(n is None for n in names):
+            raise ValueError(f"the TFDS data set {self.name!r} has no 'file_name' feature to match a subset file")
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, num_records={len(self)})"
+
+
+class SubsetSource:
+    """The records `indices` of `source`, in that order (labels and names follow)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        indices = np.asarray(indices, np.int64)
+        if indices.ndim != 1 or len(indices) == 0:
+            raise ValueError(f"SubsetSource: indices must be a non-empty list, got shape {indices.shape}")
+        if indices.min() < 0 or indices.max() >= len(source):
+            raise ValueError(f"SubsetSource: indices must lie in [0, {len(source)}) for {source!r}")
+        self._source = source
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+    def labels(self) -> np.ndarray:
+        return self._source.labels()[self._indices]
+
+    def num_classes(self) -> int:
+        return self._source.num_classes()
+
+    def file_names(self) -> list[str]:
+        names = self._source.file_names()
+        return [names[i] for i in self._indices]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self._source!r}, num_records={len(self)})"
 
 
 def digits_source(split: str, image_size: int) -> ArraySource:

@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (SPEC §8), as the release's eval_linear.py.
+"""Linear probe on frozen features, as the release's eval_linear.py.
 
 The classifier is the release's default `RegLog` head for global-pooled features: one
 Linear(F, C) on the raw pooled features, weights N(0, 0.01), bias 0, no BatchNorm and no
@@ -9,28 +9,24 @@ epoch, lr_e = lr * (1 + cos(pi * e / epochs)) / 2 for epoch e = 0 .. epochs - 1 
 0, the release's final_lr): constant within an epoch. Protocol defaults: lr 0.3, wd 1e-6,
 batch 256 (global), 100 epochs.
 
-Two entry points:
-  train_linear_probe            on cached features (fast; small data sets, sweeps);
-  train_linear_probe_on_images  the paper protocol: a frozen `feature_fn` applied to
-                                augmented image batches every step.
+This module holds the head, its optimiser and schedule, and `train_linear_probe` on
+cached features (fast; small data sets, sweeps). The release's protocol on augmented
+images of a frozen network is `swav_jax.eval.images` with `run.probe_classifier`.
 
-Accuracies are percentages in [0, 100]; top-5 means top-min(5, C). The release reports the
-best validation top-1 over epochs; these functions report the final epoch's.
+Accuracies are percentages in [0, 100]; top-5 means top-min(5, C). Like the release, the
+test set is evaluated after every epoch and both the final and the best epoch are reported.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from swav_jax.eval.features import FeatureFn, as_tree_fn, padded_batch_size, shard_batch
 
 Params = dict[str, jax.Array]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -70,8 +66,12 @@ def _hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hits[:, 0], jnp.any(hits, axis=1)
 
 
-def _batch_stats(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Sums over mask-True rows: cross-entropy, top-1 and top-5 hits, and the count."""
+def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Sums over mask-True rows: cross-entropy, top-1 and top-5 hits, and the count.
+
+    logits [n, C], labels [n] int (any value where mask is False), mask [n] bool ->
+    {'loss', 'top1', 'top5', 'count'} float32 scalars."""
+    labels = jnp.where(mask, labels, 0)  # padding rows may carry label -1
     mask = mask.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hit1, hit5 = _hits(logits, labels)
@@ -87,7 +87,7 @@ def _sgd_step(params, opt_state, features, labels, mask, lr, tx):
     """One SGD step on the mean cross-entropy of the mask-True rows."""
 
     def loss_fn(p):
-        stats = _batch_stats(linear_apply(p, features), labels, mask)
+        stats = classification_sums(linear_apply(p, features), labels, mask)
         return stats["loss"] / jnp.maximum(stats["count"], 1.0), stats
 
     grads, stats = jax.grad(loss_fn, has_aux=True)(params)
@@ -96,7 +96,8 @@ def _sgd_step(params, opt_state, features, labels, mask, lr, tx):
     return params, opt_state, stats
 
 
-def _percentages(stats: Mapping[str, float]) -> dict[str, float]:
+def percentages(stats: Mapping[str, float]) -> dict[str, float]:
+    """`classification_sums` (summed over batches) -> mean loss, top-1 and top-5 in %."""
     count = max(float(stats["count"]), 1.0)
     return {
         "loss": float(stats["loss"]) / count,
@@ -157,14 +158,17 @@ def train_linear_probe(
       test_features: [M, F] float; test_labels: [M] int in [0, num_classes).
       seed: `init_key, shuffle_key = jax.random.split(jax.random.key(seed))`; epoch e
         shuffles with `jax.random.fold_in(shuffle_key, e)`.
-      on_epoch_end: called as f(epoch, {'loss', 'top1', 'top5', 'lr'}) with the epoch's
-        running training statistics.
+      on_epoch_end: called as f(epoch, {'loss', 'top1', 'top5', 'lr', 'test_top1',
+        'test_top5'}) with the epoch's running training statistics and the test accuracy
+        after it.
 
     Returns:
-      params: {'kernel': [F, C], 'bias': [C]} float32 host NumPy arrays.
+      params: {'kernel': [F, C], 'bias': [C]} float32 host NumPy arrays (the final epoch's).
       metrics: {'train_top1', 'train_top5', 'test_top1', 'test_top5'} of the final params
-        (train: on the training features as given), and 'train_loss', the last epoch's
-        running mean cross-entropy.
+        (train: on the training features as given), 'train_loss', the last epoch's
+        running mean cross-entropy, and 'best_test_top1', 'best_test_top5',
+        'best_epoch': the epoch (0-based) with the highest test top-1 (the first on
+        ties) and its accuracies, what the release reports.
     """
     train_features, test_features = np.asarray(train_features), np.asarray(test_features)
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
@@ -201,6 +205,7 @@ def train_linear_probe(
         (params, opt_state), stats = lax.scan(body, (params, opt_state), xs)
         return params, opt_state, jax.tree.map(jnp.sum, stats)
 
+    best = (-1.0, 0.0, -1)
     for epoch in range(epochs):
         epoch_lr = probe_lr(lr, epoch, epochs)
         params, opt_state, stats = run_epoch(
@@ -211,17 +216,25 @@ def train_linear_probe(
             jax.random.fold_in(shuffle_key, epoch),
             jnp.float32(epoch_lr),
         )
+        test_top1, test_top5 = _accuracy(params, test_features, test_labels)
+        if test_top1 > best[0]:
+            best = (test_top1, test_top5, epoch)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, {**_percentages(jax.device_get(stats)), "lr": epoch_lr})
-    last = _percentages(jax.device_get(stats))
+            on_epoch_end(
+                epoch,
+                {**percentages(jax.device_get(stats)), "lr": epoch_lr, "test_top1": test_top1, "test_top5": test_top5},
+            )
+    last = percentages(jax.device_get(stats))
     train_top1, train_top5 = _accuracy(params, train_features, train_labels)
-    test_top1, test_top5 = _accuracy(params, test_features, test_labels)
     metrics = {
         "train_top1": train_top1,
         "train_top5": train_top5,
         "test_top1": test_top1,
         "test_top5": test_top5,
         "train_loss": last["loss"],
+        "best_test_top1": best[0],
+        "best_test_top5": best[1],
+        "best_epoch": best[2],
     }
     return jax.device_get(params), metrics
 
@@ -244,132 +257,3 @@ def _accuracy(params: Params, features: np.ndarray, labels: np.ndarray, chunk: i
         )
         top1, top5 = top1 + int(h1), top5 + int(h5)
     return 100.0 * top1 / len(features), 100.0 * top5 / len(features)
-
-
-def _replicated(x, mesh: Mesh) -> jax.Array:
-    """A host value as an array replicated over the mesh (every process passes the same)."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda index: x[index])
-
-
-def _placer(mesh: Mesh, data_axis: str):
-    """batch -> global arrays, padded to the first batch's size (one compilation)."""
-    size = None
-
-    def place(batch):
-        nonlocal size
-        if size is None:
-            size = padded_batch_size(np.shape(batch["image"])[0], mesh, data_axis)
-        return shard_batch(batch, mesh=mesh, data_axis=data_axis, size=size)
-
-    return place
-
-
-def _summed(total, stats):
-    return stats if total is None else jax.tree.map(jnp.add, total, stats)
-
-
-def _fetch(tree):
-    """Replicated global arrays -> host NumPy (valid in multi-process runs)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def train_linear_probe_on_images(
-    feature_fn: FeatureFn,
-    train_batches: Callable[[int], Iterable[Mapping[str, np.ndarray]]],
-    eval_batches: Iterable[Mapping[str, np.ndarray]],
-    *,
-    num_classes: int,
-    mesh: Mesh,
-    data_axis: str = "data",
-    epochs: int = 100,
-    lr: float = 0.3,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-6,
-    seed: int = 0,
-    on_epoch_end: EpochCallback | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The paper's linear evaluation: a linear head trained on a frozen `feature_fn`.
-
-    Args:
-      feature_fn: pure jittable `images [b, H, W, 3] -> [b, F]`, frozen (preferably
-        `jax.tree_util.Partial(apply, variables)` of the pretrained network with
-        eval-mode BatchNorm, pooled features; see `features.as_tree_fn`); no gradient
-        reaches it.
-      train_batches: `train_batches(epoch)` returns that epoch's iterable of
-        process-local batches {'image': [B, H, W, 3], 'label': [B] int, 'mask'?: [B] bool}
-        (the format of `extract_features`): the protocol's training view, a reshuffled
-        pass over the training set with RandomResizedCrop(224) + horizontal flip,
-        normalised as `feature_fn` expects, 256 examples per global batch (summed over
-        processes); the last batch may be partial or padded with mask False.
-      eval_batches: one pass over the evaluation set in the same format: resize 256 +
-        centre crop 224.
-      mesh: batches are sharded over `data_axis`; the head is replicated.
-      seed: the head's init key is `jax.random.split(jax.random.key(seed))[0]`, as in
-        `train_linear_probe` (shuffling is the iterator's).
-      on_epoch_end: called as f(epoch, {'loss', 'top1', 'top5', 'lr'}) with the epoch's
-        running training statistics.
-
-    Returns:
-      params: {'kernel': [F, C], 'bias': [C]} float32 host NumPy arrays.
-      metrics: 'test_top1', 'test_top5' of the final head on `eval_batches`; 'train_top1',
-        'train_top5', 'train_loss': running statistics of the last epoch (augmented
-        crops, as the release logs them).
-    """
-    _check_hyper(epochs, None, lr, momentum, weight_decay)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    feature_fn = as_tree_fn(feature_fn)
-    tx = probe_optimizer(momentum, weight_decay)
-    replicated = NamedSharding(mesh, P())
-
-    def init(images):
-        shape = jax.eval_shape(feature_fn, images).shape
-        if len(shape) != 2:
-            raise ValueError(f"feature_fn must return [b, F] features, got shape {shape}")
-        params = jax.jit(
-            lambda: init_linear(jax.random.split(jax.random.key(seed))[0], shape[1], num_classes),
-            out_shardings=replicated,
-        )()
-        return params, jax.jit(tx.init, out_shardings=replicated)(params)
-
-    @jax.jit
-    def train_step(fn, params, opt_state, batch, lr):
-        features = lax.stop_gradient(fn(batch["image"]))
-        return _sgd_step(params, opt_state, features, batch["label"], batch["mask"], lr, tx)
-
-    @jax.jit
-    def eval_step(fn, params, batch):
-        return _batch_stats(linear_apply(params, fn(batch["image"])), batch["label"], batch["mask"])
-
-    place_train, place_eval = _placer(mesh, data_axis), _placer(mesh, data_axis)
-    params = opt_state = None
-    for epoch in range(epochs):
-        epoch_lr = probe_lr(lr, epoch, epochs)
-        lr_array = _replicated(np.float32(epoch_lr), mesh)
-        total = None
-        for batch in train_batches(epoch):
-            batch = place_train(batch)
-            if params is None:  # the feature width is known at the first batch
-                params, opt_state = init(batch["image"])
-            params, opt_state, stats = train_step(feature_fn, params, opt_state, batch, lr_array)
-            total = _summed(total, stats)
-        if total is None:
-            raise ValueError(f"train_batches({epoch}) yielded no batch")
-        last = _percentages(_fetch(total))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, {**last, "lr": epoch_lr})
-    total = None
-    for batch in eval_batches:
-        total = _summed(total, eval_step(feature_fn, params, place_eval(batch)))
-    if total is None:
-        raise ValueError("eval_batches yielded no batch")
-    test = _percentages(_fetch(total))
-    metrics = {
-        "train_top1": last["top1"],
-        "train_top5": last["top5"],
-        "test_top1": test["top1"],
-        "test_top5": test["top5"],
-        "train_loss": last["loss"],
-    }
-    return _fetch(params), metrics

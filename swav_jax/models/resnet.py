@@ -11,10 +11,12 @@ width multiplier):
   False and its `main_swav.py` does not set it, so the last BN of each residual branch
   is *not* zero-initialised here either;
 - BatchNorm eps 1e-5, momentum 0.1 in PyTorch's convention (Flax momentum 0.9). Batch
-  statistics are float32 whatever the compute dtype. Difference from PyTorch: the running
-  variance is updated with the biased batch variance (Flax) where PyTorch uses the
-  unbiased one; the two differ by n / (n - 1), with n the number of reduced elements
-  (thousands at least), so eval-mode features differ by < 0.05%;
+  statistics are float32 whatever the compute dtype. Train mode normalises with the
+  biased batch variance and updates the running variance with the unbiased one,
+  v * n / (n - 1) with n the values reduced per channel over the whole BN group, as
+  PyTorch (and its SyncBatchNorm) does: running statistics, hence eval-mode features
+  and exported checkpoints, are the release's (`BatchNorm` below; flax's own
+  `nn.BatchNorm` keeps the biased variance);
 - the width multiplier `width` scales every layer's channels (stem, bottleneck inner
   width, outputs), as the release's resnet50w2/w4/w5 (after its "fix bug with wider
   models" commit): features are 2048 * width for ResNet-50/101, 512 * width for
@@ -36,6 +38,7 @@ bottlenecks) and, in the first block of a stage when the shape changes,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -64,25 +67,102 @@ def _save_batch_statistics(prim, *_, **__) -> bool:
     return prim.name in ("reduce_sum", "psum", "psum_invariant")
 
 
+class BatchNorm(nn.Module):
+    """BatchNorm over every axis but the last, with PyTorch's running statistics.
+
+    Train mode normalises x [..., C] with the batch mean and the biased batch variance
+    (float32, averaged over `axis_name` when given: the statistics of the whole BN group)
+    and, unless initialising, updates the running statistics as torch.nn.BatchNorm does:
+    mean <- m * mean + (1 - m) * batch_mean and var <- m * var + (1 - m) * batch_var *
+    n / (n - 1), n the values per channel in the group (local rows x group size), m the
+    Flax-convention momentum. Eval mode normalises with the running statistics. The
+    variables are flax's: params 'scale' (1) and 'bias' (0), batch_stats 'mean' (0) and
+    'var' (1), float32 [C], so checkpoints and conversions are unchanged.
+
+    Attributes:
+      use_running_average: eval mode (may instead be given at call time).
+      momentum, epsilon: as flax's nn.BatchNorm.
+      dtype: output dtype (statistics are float32).
+      axis_name: mapped axis name(s) of an enclosing shard_map to average statistics over.
+      use_fast_variance: E[x^2] - E[x]^2 in one pass (flax's default); False computes
+        E[(x - E[x])^2], which keeps precision for inputs far from zero mean.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | tuple[str, ...] | None = None
+    use_fast_variance: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var, count = self._batch_statistics(x.astype(jnp.float32))
+            if not self.is_initializing():
+                if count < 2:
+                    raise ValueError(
+                        f"BatchNorm in train mode needs more than one value per channel, got {count} "
+                        f"(input shape {x.shape}): the unbiased running variance is undefined"
+                    )
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * var * (count / (count - 1))
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        y = (x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+    def _batch_statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array, int]:
+        """(mean [C], biased variance [C], n) of float32 x [..., C] over the BN group."""
+        axes = tuple(range(x.ndim - 1))
+        count = math.prod(x.shape[:-1])
+        # Initialisation runs outside any shard_map: no axis to average over.
+        axis_name = None if self.is_initializing() else self.axis_name
+        if axis_name is not None:
+            count *= jax.lax.axis_size(axis_name)
+
+        def group_mean(*values):
+            means = jnp.stack([v.mean(axes) for v in values])
+            return means if axis_name is None else jax.lax.pmean(means, axis_name)
+
+        if self.use_fast_variance:
+            mean, mean_sq = group_mean(x, jnp.square(x))
+            var = jnp.maximum(0.0, mean_sq - jnp.square(mean))  # rounding can make it negative
+        else:
+            mean = group_mean(x)[0]
+            var = group_mean(jnp.square(x - mean))[0]
+        return mean, var, count
+
+
 # BatchNorm whose backward pass recomputes the normalisation from the layer's input and
-# the saved per-channel statistics, as cuDNN's does. Plain `nn.BatchNorm` leaves two
+# the saved per-channel statistics, as cuDNN's does. Plain `BatchNorm` leaves two
 # float32 copies of its input as autodiff residuals (the input promoted for the
 # statistics, and input - mean), 8 bytes per element for a bf16 activation of 2 bytes:
 # for ResNet-50 with 2 x 224 + 6 x 96 crops at batch 64 that is 17.7 of the 27.4 GB of
 # residuals (docs/BENCHMARKS.md). Same arithmetic, same variables.
-RecomputedBatchNorm = nn.remat(nn.BatchNorm, policy=_save_batch_statistics)
+RecomputedBatchNorm = nn.remat(BatchNorm, policy=_save_batch_statistics)
 
 
 def batch_norm(
     dtype: Any, bn_axis_name: str | tuple[str, ...] | None, *, recompute: bool = False, **kwargs: Any
 ) -> nn.Module:
-    """The BatchNorm used everywhere in the model: gamma 1, beta 0, float32 params/stats.
+    """The BatchNorm used everywhere in the models: `BatchNorm` (PyTorch's running
+    statistics), gamma 1, beta 0, float32 params/stats.
 
-    `kwargs` go to `nn.BatchNorm` (name, use_running_average). With `recompute`, a
+    `kwargs` go to `BatchNorm` (name, use_running_average, use_fast_variance). With `recompute`, a
     `RecomputedBatchNorm`; then `use_running_average` must be given here, not at call
     time (call arguments of a rematerialised module are traced).
     """
-    module = RecomputedBatchNorm if recompute else nn.BatchNorm
+    module = RecomputedBatchNorm if recompute else BatchNorm
     return module(
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,

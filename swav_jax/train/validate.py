@@ -82,12 +82,16 @@ def _validate_augment(augment: ml_collections.ConfigDict) -> None:
     require(all(is_real(s) and s > 0 for s in augment.std), "augment.std", f"must be > 0, got {tuple(augment.std)}")
 
 
-def _validate_model(model: ml_collections.ConfigDict, num_devices: int) -> None:
+def _validate_trunk(model: ml_collections.ConfigDict) -> None:
     require(model.arch in _ARCHS, "model.arch", f"must be one of {_ARCHS}, got {model.arch!r}")
     positive_int(model.width, "model.width")
     positive_int(model.base_width, "model.base_width")
     require(isinstance(model.small_stem, bool), "model.small_stem", f"must be a bool, got {model.small_stem!r}")
     require(model.dtype in _DTYPES, "model.dtype", f"must be one of {_DTYPES}, got {model.dtype!r}")
+
+
+def _validate_model(model: ml_collections.ConfigDict, num_devices: int) -> None:
+    _validate_trunk(model)
     group = model.sync_bn_group_size
     require(is_int(group) and (group == 0 or (group > 0 and num_devices % group == 0)), "model.sync_bn_group_size",
             f"must be 0 (all devices) or divide the {num_devices} devices, got {group!r}")
@@ -124,3 +128,40 @@ def _validate_eval(evaluation: ml_collections.ConfigDict) -> None:
     positive_int(evaluation.linear_batch_size, "eval.linear_batch_size")
     real(evaluation.linear_lr, "eval.linear_lr", low=0.0, strict=True)
     real(evaluation.linear_weight_decay, "eval.linear_weight_decay", low=0.0)
+    lo, hi = evaluation.crop_scale
+    require(is_real(lo) and is_real(hi) and 0 < lo <= hi <= 1, "eval.crop_scale",
+            f"must satisfy 0 < min <= max <= 1, got {tuple(evaluation.crop_scale)}")
+    f = evaluation.finetune
+    real(f.labels_fraction, "eval.finetune.labels_fraction", low=0.0, high=1.0, strict=True)
+    require(isinstance(f.subset_file, str), "eval.finetune.subset_file", f"must be a path or '', got {f.subset_file!r}")
+    positive_int(f.epochs, "eval.finetune.epochs")
+    positive_int(f.batch_size, "eval.finetune.batch_size")
+    real(f.lr, "eval.finetune.lr", low=0.0)
+    real(f.lr_head, "eval.finetune.lr_head", low=0.0, strict=True)
+    for i, d in enumerate(f.decay_epochs):
+        positive_int(d, f"eval.finetune.decay_epochs[{i}]")
+    real(f.gamma, "eval.finetune.gamma", low=0.0, strict=True)
+
+
+def validate_eval_config(
+    config: ml_collections.ConfigDict, evaluation: str, *, num_devices: int, num_processes: int
+) -> None:
+    """The keys `swav-jax eval <evaluation>` reads (knn, linear, finetune): data, the trunk,
+    normalisation and eval; the global batch of the image protocols must divide over the
+    devices and processes of the 1-D evaluation mesh. Pretraining keys are not checked."""
+    _validate_data(config.data)
+    _validate_trunk(config.model)
+    _validate_augment(config.augment)
+    _validate_eval(config.eval)
+    non_negative_int(config.seed, "seed")
+    positive_int(config.log_every_steps, "log_every_steps")
+    if config.eval.image_size == 0:
+        positive_int(config.crops.size_crops[0], "crops.size_crops[0]")
+    batches = {
+        "linear": ("eval.linear_batch_size", config.eval.linear_batch_size),
+        "finetune": ("eval.finetune.batch_size", config.eval.finetune.batch_size),
+    }
+    if evaluation in batches:
+        key, batch = batches[evaluation]
+        for count, what in ((num_devices, "devices"), (num_processes, "processes")):
+            require(batch % count == 0, key, f"global batch {batch} is not divisible by the {count} {what}")
