@@ -16,11 +16,13 @@ config flags).
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -55,7 +57,13 @@ def load_config(config_args: list[str]):
         path = configs.resolve(given[-1])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    argv = ["swav-jax", f"--config={path}"] + [a for a in config_args if not a.startswith("--config=")]
+    overrides = [a for a in config_args if not a.startswith("--config=")]
+    _check_keys(_parse_config(path, []), [a.split("=", 1)[0][len("--config."):] for a in overrides])
+    return _parse_config(path, overrides)
+
+
+def _parse_config(path: str, overrides: list[str]):
+    argv = ["swav-jax", f"--config={path}"] + overrides
     values = flags.FlagValues()
     # sys_argv: the overrides are read from these arguments, not from the process's sys.argv.
     config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
@@ -64,6 +72,24 @@ def load_config(config_args: list[str]):
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
         raise SystemExit(f"error: bad config or override: {e}") from None
     return values.config
+
+
+def _check_keys(config, keys: list[str]) -> None:
+    """Exits naming the first key `config` does not have, with the nearest ones it has."""
+    known = []
+
+    def walk(node, prefix):
+        for name in node.keys():
+            known.append(prefix + name)
+            if isinstance(node[name], ml_collections.ConfigDict):
+                walk(node[name], prefix + name + ".")
+
+    walk(config, "")
+    for key in keys:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+            raise SystemExit(f"error: unknown config key {key!r}{hint}")
 
 
 def _distributed_init(mode: str) -> None:
@@ -91,7 +117,8 @@ class _Preemption:
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        # None: the previous handler was not Python's (jax.distributed installs one in C++).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -295,15 +322,18 @@ def main(argv: list[str] | None = None) -> None:
     # jax's INFO lines are probes, not news (e.g. "Unable to initialize backend 'tpu'" on
     # every machine without one); its warnings still show.
     logging.getLogger("jax").setLevel(logging.WARNING)
-    from swav_jax.errors import ConfigError, NonFiniteLossError
+    from swav_jax.errors import CheckpointError, NonFiniteLossError
 
     try:
         args.run(args, config_args)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         # Bad input gets a message, not a traceback (set SWAV_JAX_TRACEBACK=1 for one).
         if os.environ.get("SWAV_JAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        # Orbax's writer tasks that failed with a save repeat their error as they are
+        # collected at exit; it has been reported.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise SystemExit(1) from None
 
 

@@ -440,6 +440,12 @@ def _eval_fields(state_dir: str) -> tuple[str, str]:
     return params, batch_stats
 
 
+def _unreadable(path: str, error: Exception) -> ValueError:
+    from swav_jax.train.checkpoint import describe
+
+    return ValueError(f"cannot read the checkpoint at {path}: {describe(error)}")
+
+
 def load_variables(path: str) -> dict[str, Any]:
     """{'params', 'batch_stats'} from a converted DIR, or from a training checkpoint's
     `checkpoints/<step>/state` (for ExCB: its EMA teacher, the network it evaluates),
@@ -456,10 +462,16 @@ def load_variables(path: str) -> dict[str, Any]:
     # The item's handler, not a Checkpointer: `<step>/state` is one item of a step whose
     # checkpoint-level metadata lies a folder up, where a Checkpointer would look for it in vain.
     handler = ocp.StandardCheckpointHandler()
-    saved = handler.metadata(epath.Path(path)).tree
+    try:
+        saved = handler.metadata(epath.Path(path)).tree
+    except Exception as e:  # noqa: BLE001 -- damaged: one line, not TensorStore's traceback
+        raise _unreadable(path, e) from e
     if not isinstance(saved, Mapping) or params not in saved:
         raise ValueError(f"the checkpoint at {path} has no top-level {params!r}")
-    restored = handler.restore(epath.Path(path), args=ocp.args.StandardRestore(_host_target(saved)))
+    try:
+        restored = handler.restore(epath.Path(path), args=ocp.args.StandardRestore(_host_target(saved)))
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e) from e
     return {"params": restored[params], "batch_stats": restored.get(batch_stats, {})}
 
 

@@ -22,8 +22,8 @@ Images larger than the canvas are shrunk to fit (aspect kept; JPEGs first decode
 PIL's antialiased bilinear resize); boxes are scaled with them.
 
 Bad input: undecodable or truncated files and decompression bombs (more than
-2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels) make `random_map` log a warning and return
-None, grain's marker for a dropped element; `pipeline.py` replaces it. Grayscale,
+2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels) make `random_map` return {'bad': what and why}
+instead; `pipeline.py` replaces the element, counts the record and warns. Grayscale,
 palette, CMYK, RGBA (alpha dropped) and 16-bit images are converted to RGB uint8;
 images smaller than a crop are upsampled, as torchvision does.
 """
@@ -31,15 +31,12 @@ images smaller than a crop are upsampled, as torchvision does.
 from __future__ import annotations
 
 import io
-import logging
 import math
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -176,13 +173,12 @@ class MultiCrop(grain.transforms.RandomMap):
         left, top, w, h = boxes.T
         return canvas, np.stack([top * fy, left * fx, h * fy, w * fx], axis=1), flip
 
-    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any] | None:
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         try:
             canvas, boxes, flip = self.sample(record["image"], rng)
         except Exception as e:  # any decoder failure: skip this record, never the run
-            where = record.get("path", "")
-            log.warning("skipping bad image record %s(%s: %s)", f"{where} " if where else "", type(e).__name__, e)
-            return None
+            where = record.get("path") or f"record {record.get('index', '?')}"
+            return {"bad": f"{where} ({type(e).__name__}: {e})"}
         out = {"canvas": canvas, "boxes": boxes, "flip": flip, "label": record["label"]}
         if "index" in record:
             out["index"] = record["index"]

@@ -18,11 +18,13 @@ depend on `c.data.num_workers` or `c.data.read_threads`, and why the iterator st
 is just the number of global batches consumed: it is identical on every process and
 restored exactly, even onto another number of processes.
 
-Bad records (see `multicrop.py`) come out of the random map as None; the element at
-stream position i is then replaced by the element at i + N (same position, next
-epoch: another image, other crops), or i + 2N, ... Each batch counts its
-replacements; `TrainIterator.num_skipped` sums them (this process's batches) for
-the trainer to log, and a warning names each bad file as it is met.
+Bad records (see `multicrop.py`) come out of the random map as {'bad': why}; the
+element at stream position i is then replaced by the element at i + N (same position,
+next epoch: another image, other crops), or i + 2N, ... A bad record is reported only
+at its position in the first pass over the data (i < N, where every record has exactly
+one position, consumed by exactly one process): `TrainIterator.num_skipped` counts
+distinct unreadable records, the counts of all processes add up without double
+counting, and a warning names each record once.
 
 Epochs: the stream never ends (num_epochs=None); a batch may straddle two epochs.
 `steps_per_epoch(config, n) = n // c.batch_size` (remainder dropped) is the epoch
@@ -33,7 +35,7 @@ Checkpointing with orbax, beside the train state:
   restore: ocp.args.Composite(..., data=ocp.args.JsonRestore()), then
            iterator.set_state(restored['data'])  (or make_train_iterator(start_state=...)).
 orbax writes the JSON from the primary process only; that is enough because the
-position is the same everywhere (its `num_skipped` is then process 0's count).
+position is the same everywhere.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from swav_jax.data.crop_resize import crop_groups
 from swav_jax.data.multicrop import MultiCrop
 from swav_jax.data.sources import make_source
+from swav_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,13 @@ def _check_process_split(config, process_count: int) -> None:
         raise ValueError(f"c.batch_size={config.batch_size} does not divide over {process_count} processes")
 
 
-class ReplaceDropped(grain.MapDataset):
-    """Fills each None (dropped) element at position i with the one at i + k * period.
+class ReplaceBad(grain.MapDataset):
+    """Fills each bad element ({'bad': why}) at position i with the first good one at
+    i + k * period.
 
-    Elements gain 'replaced': k, the number of bad records this one stands in for.
-    The parent must be indexable past `period` (a repeated data set).
+    Elements gain 'skipped': `why` of the bad record at position i if i is in the first
+    pass (i < period), else None. The parent must be indexable past `period` (a
+    repeated data set).
     """
 
     def __init__(self, parent: grain.MapDataset, period: int):
@@ -94,19 +99,21 @@ class ReplaceDropped(grain.MapDataset):
         return len(self._parent)
 
     def __str__(self) -> str:
-        return f"ReplaceDropped(period={self._period})"
+        return f"ReplaceBad(period={self._period})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
+        skipped = None
         for k in range(MAX_REPLACEMENT_TRIES):
             element = self._parent[index + k * self._period]
-            if element is not None:
-                return {**element, "replaced": k}
-        raise RuntimeError(
-            f"{MAX_REPLACEMENT_TRIES} records in a row (stream positions {index} + k * "
-            f"{self._period}) could not be decoded; see the warnings above. Is c.data "
-            "pointing at an image data set?"
+            if "bad" not in element:
+                return {**element, "skipped": skipped}
+            if k == 0 and index < self._period:
+                skipped = element["bad"]
+        raise DataError(
+            f"c.data: none of {MAX_REPLACEMENT_TRIES} records in a row (stream positions {index} + k * "
+            f"{self._period}) could be decoded, e.g. {element['bad']}. Is c.data pointing at an image data set?"
         )
 
 
@@ -141,7 +148,7 @@ class StackBatch:
             "flip": np.stack([e["flip"] for e in elements]),
             "label": np.array([e["label"] for e in elements], np.int32),
             "index": np.array([e["index"] for e in elements], np.int64),
-            "replaced": np.array([e["replaced"] for e in elements], np.int32),
+            "skipped": [e["skipped"] for e in elements if e["skipped"] is not None],
         }
 
 
@@ -162,7 +169,7 @@ def host_dataset(
       'flip':     bool [B, V]
       'label':    int32 [B]  (-1 when unlabeled)
       'index':    int64 [B]  record index in the source
-      'replaced': int32 [B]  bad records each element replaced
+      'skipped':  list of str, the bad records met at their first-pass position
     """
     count, index = shard_options.shard_count, shard_options.shard_index
     _check_process_split(config, count)
@@ -171,7 +178,7 @@ def host_dataset(
     ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_index, len(source)))
     ds = ds.seed(seed).shuffle().repeat(None)
     ds = ds.random_map(MultiCrop.from_config(config))
-    ds = ReplaceDropped(ds, period=len(source))
+    ds = ReplaceBad(ds, period=len(source))
     ds = ds.batch(config.batch_size // count, drop_remainder=True, batch_fn=StackBatch())
     ds = ds[index + start_batch * count :: count]
     threads = config.data.read_threads
@@ -222,20 +229,22 @@ class TrainIterator:
         )
         self._prefetch = int(config.data.prefetch)
         self._next_batch = 0  # global batches handed out
-        self.num_skipped = 0  # bad records replaced in those batches (this process)
+        # Distinct unreadable records met in the batches this process has handed out
+        # since it was created or repositioned.
+        self.num_skipped = 0
         self._host_iter = None
         self._queue: collections.deque = collections.deque()
 
     def __iter__(self) -> "TrainIterator":
         return self
 
-    def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, jax.Array], int]:
+    def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, jax.Array], list[str]]:
         g = self.global_batch
         canvas, boxes, flip, label = (
             jax.make_array_from_process_local_data(self._batch_sharding, host[k], (g,) + host[k].shape[1:])
             for k in ("canvas", "boxes", "flip", "label")
         )
-        return {"crops": self._crop_fn(canvas, boxes, flip), "label": label}, int(host["replaced"].sum())
+        return {"crops": self._crop_fn(canvas, boxes, flip), "label": label}, host["skipped"]
 
     def _fetch(self) -> None:
         if self._host_iter is None:
@@ -251,21 +260,17 @@ class TrainIterator:
     def __next__(self) -> dict[str, jax.Array]:
         while len(self._queue) < self._prefetch + 1:
             self._fetch()
-        batch, replaced = self._queue.popleft()
+        batch, skipped = self._queue.popleft()
         self._next_batch += 1
-        if replaced:
-            self.num_skipped += replaced
-            log.warning(
-                "data: %d bad records replaced in batch %d (%d in total)",
-                replaced, self._next_batch - 1, self.num_skipped,
-            )
+        for why in skipped:
+            self.num_skipped += 1
+            log.warning("data: skipping unreadable %s", why)
         return batch
 
     def get_state(self) -> dict[str, int]:
         """JSON-able position: the next global batch this iterator will return."""
         return {
             "next_batch": self._next_batch,
-            "num_skipped": self.num_skipped,
             "seed": self._seed,
             "batch_size": self.global_batch,
             "num_examples": self.num_examples,
@@ -283,7 +288,7 @@ class TrainIterator:
                 )
         self.close()
         self._next_batch = int(state["next_batch"])
-        self.num_skipped = int(state["num_skipped"])
+        self.num_skipped = 0
 
     def close(self) -> None:
         """Drops prefetched batches and stops grain's worker processes."""

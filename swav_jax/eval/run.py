@@ -33,21 +33,25 @@ from swav_jax.eval.linear import init_linear, linear_apply, probe_lr, train_line
 from swav_jax.methods.scaffold import init_variables
 from swav_jax.models import ResNet, build_backbone, build_model
 from swav_jax.models.swav import torch_linear_bias_init, torch_linear_kernel_init
+from swav_jax.train.checkpoint import newest_that_restores
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], int]:
     """({'params', 'batch_stats'}, step) from a training workdir or a checkpoint folder.
 
-    `path` may be a workdir (its latest checkpoint under checkpoints/), a checkpoints/
-    folder, one step folder (checkpoints/<step>), or a folder written by `swav-jax
-    convert` (step -1).
+    `path` may be a workdir or its checkpoints/ folder (the newest checkpoint that
+    restores: damaged ones are skipped with a warning), one step folder
+    (checkpoints/<step>), or a folder written by `swav-jax convert` (step -1).
     """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
     steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
     if steps and not os.path.isdir(os.path.join(path, "state")):
-        path = os.path.join(path, str(max(steps)))
+        step, variables, _ = newest_that_restores(
+            path, steps, lambda s: convert.load_variables(os.path.join(path, str(s), "state"))
+        )
+        return variables, step
     step = int(os.path.basename(path)) if os.path.basename(path).isdigit() else -1
     if os.path.isdir(os.path.join(path, "state")):
         path = os.path.join(path, "state")

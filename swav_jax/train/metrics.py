@@ -20,22 +20,48 @@ from swav_jax.train.run_config import flatten, format_compact
 WANDB_ID_FILE = "wandb_run_id"
 
 
+def read_rows(workdir: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` ([] if there is none); a line cut short by a
+    killed run is left out."""
+    rows = []
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
 class MetricsWriter:
     """Appends `{"step": ..., key: value, ...}` lines to `workdir/metrics.jsonl` and
     writes the same scalars to TensorBoard (`workdir/tensorboard/`) and, when
     `wandb_project` is set, to Weights & Biases (the run id kept in
     `workdir/wandb_run_id`, so a resumed run or a later `swav-jax eval` continues it).
 
-    Only the writing process (process 0) should construct one with `enabled=True`.
+    Only the writing process (process 0) should construct one with `enabled=True`. A run
+    resumed at `resume_step` first drops the rows past it (written before the restart by
+    steps that are now done again), so readers see one row per step.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, *, wandb_project: str = ""):
+    def __init__(self, workdir: str, enabled: bool = True, *, wandb_project: str = "",
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._wandb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            if resume_step is not None and os.path.exists(self.path):
+                kept = [row for row in read_rows(workdir) if row["step"] <= resume_step]
+                with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in kept)
+                os.replace(self.path + ".tmp", self.path)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             if wandb_project:
                 self._wandb = _wandb_run(workdir, wandb_project)
