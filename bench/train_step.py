@@ -167,7 +167,8 @@ def run_point(args, spec: str, batch: int) -> tuple[dict, list[dict]]:
     steps_per_epoch = 1000
     # The trainer's own program (swav_jax.train.loop.train builds the same).
     program = get_method(config.method).build(
-        config, mesh, steps_per_epoch=steps_per_epoch, total_steps=int(config.epochs) * steps_per_epoch
+        config, mesh, steps_per_epoch=steps_per_epoch, total_steps=int(config.epochs) * steps_per_epoch,
+        num_examples=steps_per_epoch * int(config.batch_size),
     )
     state, train_step = program.init_state(), program.train_step
 

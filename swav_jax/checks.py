@@ -42,3 +42,15 @@ def real(value, key: str, *, low: float | None = None, high: float | None = None
     interval = f"{'(' if strict else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     require(ok, key, f"must be a finite number in {interval}, got {value!r}")
     return float(value)
+
+
+def assigning_crops(value, key: str, num_crops) -> tuple[int, ...]:
+    """Distinct indices of crops of the first resolution group (`num_crops` is
+    `crops.num_crops`): the full-size views a method assigns or stores."""
+    views = tuple(value)
+    require(len(views) >= 1 and len(set(views)) == len(views), key, f"must name distinct crops, got {views}")
+    require(all(is_int(a) and 0 <= a < sum(num_crops) for a in views), key,
+            f"crop indices must be in [0, {sum(num_crops)}), got {views}")
+    require(all(a < num_crops[0] for a in views), key,
+            f"must be crops of the first resolution group (crops 0..{num_crops[0] - 1}), got {views}")
+    return views

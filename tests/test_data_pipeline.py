@@ -76,7 +76,8 @@ def assert_device_batches_equal(a, b):
     assert len(a["crops"]) == len(b["crops"])
     for x, y in zip(a["crops"], b["crops"]):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
+    for key in ("label", "index"):
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,19 @@ def test_host_batches_cover_each_epoch_once():
     np.testing.assert_array_equal(b["label"], b["index"] % 4)
 
 
+def test_drop_remainder_makes_each_epoch_one_pass():
+    # 30 records, batch 8: 3 steps per epoch; 6 records of every pass dropped.
+    opts = grain.sharding.NoSharding()
+    dropped = take(pipeline.host_dataset(small_config(drop_remainder=True), array_source(30), seed=1,
+                                         shard_options=opts), 9)
+    whole = take(pipeline.host_dataset(small_config(), array_source(30), seed=1, shard_options=opts), 15)
+    idx = np.concatenate([b["index"] for b in dropped]).reshape(3, 24)  # [epoch, position]
+    passes = np.concatenate([b["index"] for b in whole])[:90].reshape(3, 30)
+    # Epoch e is the first 24 records of pass e's permutation (the same permutations).
+    np.testing.assert_array_equal(idx, passes[:, :24])
+    assert all(len(set(e)) == 24 for e in idx) and not np.array_equal(idx[0], idx[1])
+
+
 def test_same_batches_whatever_the_worker_and_thread_count(mesh):
     src = array_source()
     c0 = small_config(num_workers=0, read_threads=0)
@@ -278,14 +292,18 @@ def test_global_batches_are_sharded_over_the_data_axis(mesh):
         assert crops.shape == (n, 16, size, size, 3) and crops.dtype == np.uint8
         assert crops.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 5)
         assert {s.data.shape for s in crops.addressable_shards} == {(n, 2, size, size, 3)}
-    assert batch["label"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
-    assert batch["label"].dtype == np.int32
+    for key in ("label", "index"):
+        assert batch[key].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
+        assert batch[key].dtype == np.int32
     assert it.num_examples == 40 and it.steps_per_epoch == pipeline.steps_per_epoch(c, 40) == 2
     host = take(pipeline.host_dataset(c, array_source(40), seed=c.seed, shard_options=grain.sharding.NoSharding()), 1)[0]
     want = crop_groups(host["canvas"], host["boxes"], host["flip"], c.crops.size_crops, c.crops.num_crops)
     for got, w in zip(jax.block_until_ready(batch)["crops"], want):
         assert np.abs(np.asarray(got).astype(int) - np.asarray(w)).max() <= 1
     np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
+    np.testing.assert_array_equal(np.asarray(batch["index"]), host["index"])
+    # The record index: array_source labels record i with i % 4.
+    np.testing.assert_array_equal(np.asarray(batch["label"]), np.asarray(batch["index"]) % 4)
     it.close()
 
 

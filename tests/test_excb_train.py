@@ -27,6 +27,7 @@ from train_helpers import (
     single_device_mesh,
     without_colour_augmentation,
 )
+from swav_jax import kmeans
 from swav_jax.eval.plots import plot_metrics
 from swav_jax.eval.run import feature_fn, load_variables
 from swav_jax.data.augment import augment_views
@@ -431,6 +432,14 @@ def kmeans_ref(x, first_rows, num_iters):
     return c, np.bincount(np.argmax(x @ c.T, axis=1), minlength=len(c))
 
 
+def _kmeans(x, key, num_clusters, num_iters, chunk_rows=None):
+    """ExCB's call of the package's k-means: (centroids, cluster sizes)."""
+    centroids, labels = jax.jit(functools.partial(
+        kmeans.spherical_kmeans, num_clusters=num_clusters, num_iters=num_iters, chunk_rows=chunk_rows
+    ))(jnp.asarray(x), key)
+    return np.asarray(centroids), np.bincount(np.asarray(labels), minlength=num_clusters)
+
+
 def test_spherical_kmeans_matches_float64_lloyd_and_finds_separated_clusters():
     rng = np.random.default_rng(0)
     directions = rng.normal(size=(5, 8))
@@ -441,27 +450,24 @@ def test_spherical_kmeans_matches_float64_lloyd_and_finds_separated_clusters():
         if len({int(i) // 40 for i in jax.random.permutation(k, len(x))[:5]}) == 5
     )
     first = np.asarray(jax.random.permutation(key, len(x))[:5])
-    for iters in (0, 1, 3, 50):
-        centroids, sizes = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=5, num_iters=iters)
+    for iters in (0, 1, 3, excb.KMEANS_ITERS):
+        centroids, sizes = _kmeans(x, key, 5, iters)
         ref_c, ref_sizes = kmeans_ref(x, first, iters)
-        np.testing.assert_allclose(np.asarray(centroids), ref_c, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(sizes), ref_sizes)
+        np.testing.assert_allclose(centroids, ref_c, atol=1e-5)
+        np.testing.assert_array_equal(sizes, ref_sizes)
     # Five tight, well separated clusters, one initial row in each: five clusters of 40.
-    assert sorted(np.asarray(sizes).tolist()) == [40] * 5
+    assert sorted(sizes.tolist()) == [40] * 5
     with pytest.raises(ValueError, match="num_clusters"):
-        excb.spherical_kmeans(jnp.asarray(x[:4]), key, num_clusters=5)
+        _kmeans(x[:4], key, 5, 1)
 
 
-def test_chunked_assignment_equals_one_shot(monkeypatch):
+def test_chunked_assignment_equals_one_shot():
     x = np.random.default_rng(1).normal(size=(37, 6)).astype(np.float32)
     key = jax.random.key(0)
-    whole = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
-    monkeypatch.setattr(excb, "_SCORE_ELEMENTS", 4 * 5)  # chunks of 5 rows, 37 = 7 x 5 + 2
-    excb.spherical_kmeans.clear_cache()
-    chunked = excb.spherical_kmeans(jnp.asarray(x), key, num_clusters=4, num_iters=5)
-    excb.spherical_kmeans.clear_cache()
-    np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(whole[0]), atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(whole[1]))
+    whole = _kmeans(x, key, 4, 5)
+    chunked = _kmeans(x, key, 4, 5, chunk_rows=5)  # 37 = 7 x 5 + 2
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-6)
+    np.testing.assert_array_equal(chunked[1], whole[1])
 
 
 def test_init_centroids_clusters_the_teacher_projections():

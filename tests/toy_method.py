@@ -52,7 +52,8 @@ class Toy(Method):
     def eval_variables(self, state):
         return {"params": state.params, "batch_stats": state.batch_stats}
 
-    def build(self, config, mesh, *, steps_per_epoch, total_steps):
+    def build(self, config, mesh, *, steps_per_epoch, total_steps, num_examples):
+        del num_examples
         device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         lag, grow, loss_from_state, size = self.lag, self.grow, self.loss_from_state, self.size
 

@@ -12,10 +12,11 @@ from swav_jax.methods import get_method
 
 def build(config, mesh, steps_per_epoch=10):
     """(initial state, train_step) of `config.method` as `train()` builds them, over
-    `config.epochs` epochs of `steps_per_epoch`."""
+    `config.epochs` epochs of `steps_per_epoch` (a data set of exactly that many
+    global batches)."""
     program = get_method(config.method).build(
         config.copy_and_resolve_references(), mesh, steps_per_epoch=steps_per_epoch,
-        total_steps=config.epochs * steps_per_epoch,
+        total_steps=config.epochs * steps_per_epoch, num_examples=steps_per_epoch * config.batch_size,
     )
     return program.init_state(), program.train_step
 

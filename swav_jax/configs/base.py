@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "swav"  # swav | excb (online cluster balancing, SPEC §10)
+    c.method = "swav"  # swav | excb (online cluster balancing, SPEC §10) | deepclusterv2
     c.seed = 31
     c.batch_size = 4096  # global, over all devices and processes
     c.epochs = 800
@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 2  # threads per worker (0: none), each building one batch
     c.data.prefetch = 2  # batches kept on device ahead of the step
     c.data.image_size = 0  # digits only: upscale the 8x8 images to this size
+    # Each pass over the data ends at its last whole global batch, the rest of it
+    # dropped (the release's drop_last); False: passes follow one another, a batch may
+    # straddle two, nothing is dropped. DeepCluster-v2 needs True.
+    c.data.drop_remainder = False
     c.data.canvas_size = 512  # host decodes into C x C uint8 (larger images shrunk to fit); crops cut on device
 
     # Multi-crop (per resolution group), as the release's flags.
@@ -89,6 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Centroids start as spherical k-means of the teacher's projections of this many training
     # images (the release's clustering_samples); 0: random unit vectors.
     c.excb.init_samples = 500000
+
+    # DeepCluster-v2 (method = "deepclusterv2"; the SwAV paper's appendix, the release's
+    # main_deepclusterv2.py). Its network is c.model's: one head of prototypes per entry of
+    # c.model.num_prototypes (the release: 3 x 3000), set to the k-means centroids at the
+    # start of every epoch and never trained; LARS and its schedule from c.optim. The
+    # c.swav keys are not read. Recipes: deepclusterv2_*.
+    c.deepclusterv2 = ml_collections.ConfigDict()
+    c.deepclusterv2.crops_for_assign = (0, 1)  # views kept in the memory bank (first resolution group)
+    c.deepclusterv2.temperature = 0.1  # of the cross-entropy against the pseudo-labels
+    c.deepclusterv2.kmeans_iters = 10  # centroid updates per head and epoch
 
     # Optimisation (SPEC §5).
     c.optim = ml_collections.ConfigDict()

@@ -28,7 +28,10 @@ counting, and a warning names each record once.
 
 Epochs: the stream never ends (num_epochs=None); a batch may straddle two epochs.
 `steps_per_epoch(config, n) = n // c.batch_size` (remainder dropped) is the epoch
-length schedules should use.
+length schedules should use. With `c.data.drop_remainder` every pass keeps only its
+first steps_per_epoch * c.batch_size elements (`PassPrefix`, the release's drop_last):
+epoch e's steps are then exactly pass e, each sample at most once, as a method that
+remembers samples per epoch needs (DeepCluster-v2's memory bank).
 
 Checkpointing with orbax, beside the train state:
   save:    ocp.args.Composite(..., data=ocp.args.JsonSave(iterator.get_state()))
@@ -117,6 +120,27 @@ class ReplaceBad(grain.MapDataset):
         )
 
 
+class PassPrefix(grain.MapDataset):
+    """The first `kept` elements of every pass of `period` over the parent (a repeated
+    data set): position i reads the parent's (i // kept) * period + i % kept."""
+
+    def __init__(self, parent: grain.MapDataset, period: int, kept: int):
+        super().__init__(parent)
+        self._period, self._kept = period, kept
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"PassPrefix(period={self._period}, kept={self._kept})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        passes, position = divmod(index, self._kept)
+        return self._parent[passes * self._period + position]
+
+
 def _with_index(num_records: int, index: int, record: dict[str, Any]) -> dict[str, Any]:
     # Indices past the end reach here through `repeat`; the source wraps them.
     return {**record, "index": index % num_records}
@@ -177,8 +201,12 @@ def host_dataset(
         raise ValueError(f"c.data: the data source {source!r} is empty")
     ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_index, len(source)))
     ds = ds.seed(seed).shuffle().repeat(None)
+    period = len(source)
+    if config.data.drop_remainder:
+        period = steps_per_epoch(config, len(source)) * config.batch_size
+        ds = PassPrefix(ds, period=len(source), kept=period)
     ds = ds.random_map(MultiCrop.from_config(config))
-    ds = ReplaceBad(ds, period=len(source))
+    ds = ReplaceBad(ds, period=period)
     ds = ds.batch(config.batch_size // count, drop_remainder=True, batch_fn=StackBatch())
     ds = ds[index + start_batch * count :: count]
     threads = config.data.read_threads
@@ -197,8 +225,10 @@ class TrainIterator:
     """Global multi-crop batches on the mesh, `c.data.prefetch` of them ahead on device.
 
     `next(it)` gives {'crops': tuple of uint8 jax.Array [num_crops_g, G, S_g, S_g, 3]
-    sharded PartitionSpec(None, data_axis), 'label': int32 jax.Array [G] sharded
-    PartitionSpec(data_axis)}, G = c.batch_size.
+    sharded PartitionSpec(None, data_axis), 'label': int32 jax.Array [G] and 'index':
+    int32 jax.Array [G] (each sample's record index in the source, for methods that
+    remember samples across steps), both sharded PartitionSpec(data_axis)},
+    G = c.batch_size.
     """
 
     def __init__(self, config, source, *, mesh, data_axis, seed, shard_options):
@@ -212,6 +242,8 @@ class TrainIterator:
             raise ValueError(
                 f"c.batch_size={self.global_batch} exceeds the {self.num_examples} examples of {source!r}"
             )
+        if self.num_examples > np.iinfo(np.int32).max:
+            raise ValueError(f"{source!r} has {self.num_examples} records; sample indices are int32")
         n_data = data_axis_size(mesh, data_axis)
         if self.global_batch % n_data:
             raise ValueError(
@@ -240,11 +272,13 @@ class TrainIterator:
 
     def _to_device(self, host: dict[str, Any]) -> tuple[dict[str, jax.Array], list[str]]:
         g = self.global_batch
-        canvas, boxes, flip, label = (
+        host = {**host, "index": host["index"].astype(np.int32)}
+        canvas, boxes, flip, label, index = (
             jax.make_array_from_process_local_data(self._batch_sharding, host[k], (g,) + host[k].shape[1:])
-            for k in ("canvas", "boxes", "flip", "label")
+            for k in ("canvas", "boxes", "flip", "label", "index")
         )
-        return {"crops": self._crop_fn(canvas, boxes, flip), "label": label}, host["skipped"]
+        batch = {"crops": self._crop_fn(canvas, boxes, flip), "label": label, "index": index}
+        return batch, host["skipped"]
 
     def _fetch(self) -> None:
         if self._host_iter is None:

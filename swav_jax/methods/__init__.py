@@ -3,6 +3,8 @@
 
   swav.py           SwAV: Sinkhorn codes, swapped prediction, queue, LARS
   excb.py           ExCB: cluster-size tracker, EMA teacher, predictor, SGD
+  deepclusterv2.py  DeepCluster-v2: memory bank, per-epoch k-means pseudo-labels,
+                    cross-entropy, LARS
   scaffold.py       the interface and what every method shares (the jitted shard_map
                     step, initial and abstract states, averaging across replicas)
 
@@ -11,11 +13,12 @@ To add a method, see `scaffold.Method`.
 
 from __future__ import annotations
 
+from swav_jax.methods.deepclusterv2 import DeepClusterV2
 from swav_jax.methods.excb import ExCB
 from swav_jax.methods.scaffold import Method, TrainProgram
 from swav_jax.methods.swav import SwAV
 
-_METHODS: dict[str, Method] = {m.name: m for m in (SwAV(), ExCB())}
+_METHODS: dict[str, Method] = {m.name: m for m in (SwAV(), ExCB(), DeepClusterV2())}
 
 
 def method_names() -> tuple[str, ...]:

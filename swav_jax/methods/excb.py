@@ -18,8 +18,8 @@ Optimiser (the release's engine/optimizer.py): momentum SGD with PyTorch semanti
 three weight-decay groups; the LR schedule is SwAV's (`swav_jax.optim.lr_schedule`).
 
 Centroids start, as the release's `Trainer.init_centroids`, as spherical k-means of the
-teacher's projections of `excb.init_samples` training images (50 iterations, initialised
-at K random samples), copied into student and teacher, so that every centroid starts
+teacher's projections of `excb.init_samples` training images (`swav_jax.kmeans`, 50
+iterations, initialised at K random samples), copied into student and teacher, so that every centroid starts
 where projections are. (On the digits this alone did not make ExCB learn; the loss
 pairing and the teacher temperature did: docs/EXCB_DEMO.md.) Differences from the
 release, kept deliberately: the images are the training split's first
@@ -46,7 +46,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from swav_jax import balancing, optim
+from swav_jax import balancing, kmeans, optim
 from swav_jax.checks import non_negative_int, positive_int, real, require
 from swav_jax.data import sources
 from swav_jax.data.augment import augment_views, normalize
@@ -55,12 +55,10 @@ from swav_jax.errors import ConfigError
 from swav_jax.mesh import data_axes
 from swav_jax.methods import scaffold
 from swav_jax.models.excb import CENTROIDS, ExCBModel, build_excb_model
-from swav_jax.models.swav import l2_normalize
 
 log = logging.getLogger("swav_jax")
 
 KMEANS_ITERS = 50  # the release's nmb_kmeans_iters
-_SCORE_ELEMENTS = 2**26  # per chunk of the [N, K] similarity matrix (256 MiB in float32)
 
 
 @flax.struct.dataclass
@@ -157,49 +155,10 @@ def make_excb_optimizer(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters"))
-def spherical_kmeans(
-    x: jax.Array, key: jax.Array, *, num_clusters: int, num_iters: int = KMEANS_ITERS
-) -> tuple[jax.Array, jax.Array]:
-    """Spherical k-means (cosine similarity, unit centroids) as the ExCB release runs it.
-
-    Initialised at `num_clusters` distinct random rows of `x`; each iteration assigns every
-    row to its most similar centroid and moves each non-empty cluster's centroid to the
-    normalised mean of its rows (an empty cluster keeps its centroid).
-
-    Args:
-      x: [N, D] float, N >= num_clusters; rows are L2-normalised here.
-      key: PRNG key for the initial rows.
-      num_clusters: K.
-      num_iters: assignment + update iterations.
-
-    Returns:
-      centroids: [K, D] float32 unit rows.
-      sizes: [K] int32 rows assigned to each centroid by a final assignment.
-    """
-    n = x.shape[0]
-    if n < num_clusters:
-        raise ValueError(f"spherical_kmeans needs at least num_clusters={num_clusters} rows, got {n}")
-    x = l2_normalize(x.astype(jnp.float32))
-    chunk = max(1, min(n, _SCORE_ELEMENTS // num_clusters))
-    padded = jnp.pad(x, ((0, -n % chunk), (0, 0))).reshape(-1, chunk, x.shape[1])
-
-    def assign(centroids):  # [N] int32, chunked so [N, K] never exists at once
-        scores = lambda rows: jnp.argmax(  # noqa: E731
-            jnp.dot(rows, centroids.T, precision=jax.lax.Precision.HIGHEST), axis=-1
-        )
-        return jax.lax.map(scores, padded).reshape(-1)[:n]
-
-    def update(_, centroids):
-        labels = assign(centroids)
-        sums = jax.ops.segment_sum(x, labels, num_segments=num_clusters)
-        counts = jax.ops.segment_sum(jnp.ones((n,), jnp.int32), labels, num_segments=num_clusters)
-        return jnp.where((counts > 0)[:, None], l2_normalize(sums), centroids)
-
-    first = x[jax.random.permutation(key, n)[:num_clusters]]
-    centroids = jax.lax.fori_loop(0, num_iters, update, first)
-    sizes = jnp.bincount(assign(centroids), length=num_clusters).astype(jnp.int32)
-    return centroids, sizes
+# ExCB's centroid initialisation: the release's 50 iterations of spherical k-means.
+_kmeans = jax.jit(
+    functools.partial(kmeans.spherical_kmeans, num_iters=KMEANS_ITERS), static_argnames=("num_clusters",)
+)
 
 
 def _local_variables(tree):
@@ -256,8 +215,8 @@ def init_centroids(config: ml_collections.ConfigDict, model: ExCBModel, state):
             "excb.init_samples = 0 (random unit centroids)"
         )
     key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
-    centroids, sizes = spherical_kmeans(x, key, num_clusters=num_clusters)
-    sizes = np.asarray(sizes)
+    centroids, labels = _kmeans(x, key, num_clusters=num_clusters)
+    sizes = np.bincount(np.asarray(labels), minlength=num_clusters)
     fractions = sizes[sizes > 0] / sizes.sum()
     log.info(
         "ExCB centroids: spherical k-means on %d teacher projections, %d iterations; cluster sizes "
@@ -382,7 +341,8 @@ class ExCB(scaffold.Method):
                 f"must be 0 (random unit centroids) or at least excb.num_clusters = {excb.num_clusters} "
                 f"(k-means needs a sample per centroid), got {samples!r}")
 
-    def build(self, config, mesh, *, steps_per_epoch, total_steps):
+    def build(self, config, mesh, *, steps_per_epoch, total_steps, num_examples):
+        del num_examples
         schedule = optim.lr_schedule(
             config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs), batch_size=int(config.batch_size)
         )

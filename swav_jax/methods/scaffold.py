@@ -63,10 +63,18 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self, config: ml_collections.ConfigDict, mesh: Mesh, *, steps_per_epoch: int, total_steps: int
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        *,
+        steps_per_epoch: int,
+        total_steps: int,
+        num_examples: int,
     ) -> TrainProgram:
-        """The program for `mesh` (a `swav_jax.mesh` mesh) and a run of
-        `total_steps` steps of `steps_per_epoch`. `config` is validated and resolved."""
+        """The program for `mesh` (a `swav_jax.mesh` mesh) and a run of `total_steps`
+        steps of `steps_per_epoch` over a training set of `num_examples` samples (the
+        range of the batches' 'index'). `config` is validated and resolved; a value
+        that only these sizes make invalid raises ConfigError naming its key."""
 
     @abc.abstractmethod
     def num_clusters(self, config: ml_collections.ConfigDict) -> int:
@@ -159,14 +167,17 @@ def sharded_train_step(
     return train_step
 
 
+def sync_batch_stats(batch_stats: Any, mesh: Mesh) -> Any:
+    """Inside shard_map: BN running statistics (any tree of them) averaged over the BN
+    groups. Within a group they are equal already; between groups they differ, and
+    their mean (the running update is linear) keeps the state replicated."""
+    group_axis = bn_group_axis(mesh)
+    return batch_stats if group_axis is None else jax.lax.pmean(batch_stats, group_axis)
+
+
 def sync_replicas(grads: Any, loss: jax.Array, batch_stats: Any, mesh: Mesh) -> tuple[Any, jax.Array, Any]:
     """Inside the step: the gradients and the loss averaged over every device (each is a
-    mean over an equal local batch), and the BN running statistics (any tree of them)
-    averaged over the BN groups. Within a group they are equal already; between groups
-    they differ, and their mean (the running update is linear) keeps the state
-    replicated."""
+    mean over an equal local batch), and the BN running statistics averaged over the BN
+    groups (`sync_batch_stats`)."""
     grads, loss = jax.lax.pmean((grads, loss), data_axes(mesh))
-    group_axis = bn_group_axis(mesh)
-    if group_axis is not None:
-        batch_stats = jax.lax.pmean(batch_stats, group_axis)
-    return grads, loss, batch_stats
+    return grads, loss, sync_batch_stats(batch_stats, mesh)

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from swav_jax import losses, optim
-from swav_jax.checks import non_negative_int, positive_int, real, require
+from swav_jax.checks import assigning_crops, non_negative_int, positive_int, real, require
 from swav_jax.data.augment import augment_views
 from swav_jax.mesh import data_axes
 from swav_jax.methods import scaffold
@@ -51,6 +51,15 @@ class TrainState:
     opt_state: Any
     queue: jax.Array | None
     rng: jax.Array
+
+
+def validate_network(model: ml_collections.ConfigDict) -> None:
+    """The `config.model` keys of the head and prototypes (`SwAVModel`)."""
+    require(len(model.num_prototypes) >= 1, "model.num_prototypes", "needs at least one prototype head")
+    for i, k in enumerate(model.num_prototypes):
+        positive_int(k, f"model.num_prototypes[{i}]")
+    positive_int(model.proj_dim, "model.proj_dim")
+    non_negative_int(model.hidden_dim, "model.hidden_dim")
 
 
 def effective_queue_length(config: ml_collections.ConfigDict) -> int:
@@ -184,15 +193,8 @@ class SwAV(scaffold.Method):
     name = "swav"
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
-        crops, batch, swav, model = config.crops, config.batch_size, config.swav, config.model
-        num_views = sum(crops.num_crops)
-        assign = tuple(swav.crops_for_assign)
-        require(len(assign) >= 1 and len(set(assign)) == len(assign), "swav.crops_for_assign",
-                f"must name distinct crops, got {assign}")
-        require(all(isinstance(a, int) and 0 <= a < num_views for a in assign), "swav.crops_for_assign",
-                f"crop indices must be in [0, {num_views}), got {assign}")
-        require(all(a < crops.num_crops[0] for a in assign), "swav.crops_for_assign",
-                f"assigning crops must be of the first resolution group (crops 0..{crops.num_crops[0] - 1}), got {assign}")
+        batch, swav, model = config.batch_size, config.swav, config.model
+        assigning_crops(swav.crops_for_assign, "swav.crops_for_assign", config.crops.num_crops)
         real(swav.epsilon, "swav.epsilon", low=0.0, strict=True)
         real(swav.temperature, "swav.temperature", low=0.0, strict=True)
         positive_int(swav.sinkhorn_iterations, "swav.sinkhorn_iterations")
@@ -206,11 +208,7 @@ class SwAV(scaffold.Method):
             if effective_queue_length(config) != swav.queue_length:
                 logging.warning("config.swav.queue_length %d rounded down to %d (a multiple of the global batch)",
                                 swav.queue_length, effective_queue_length(config))
-        require(len(model.num_prototypes) >= 1, "model.num_prototypes", "needs at least one prototype head")
-        for i, k in enumerate(model.num_prototypes):
-            positive_int(k, f"model.num_prototypes[{i}]")
-        positive_int(model.proj_dim, "model.proj_dim")
-        non_negative_int(model.hidden_dim, "model.hidden_dim")
+        validate_network(model)
         largest = max(model.num_prototypes)
         sinkhorn_samples = batch + effective_queue_length(config)
         if largest > sinkhorn_samples:
@@ -219,8 +217,8 @@ class SwAV(scaffold.Method):
                 "and learning can stall. Consider a queue (config.swav.queue_length) or fewer "
                 "prototypes.", sinkhorn_samples, largest)
 
-    def build(self, config, mesh, *, steps_per_epoch, total_steps):
-        del total_steps
+    def build(self, config, mesh, *, steps_per_epoch, total_steps, num_examples):
+        del total_steps, num_examples
         schedule = optim.lr_schedule(
             config.optim, steps_per_epoch=steps_per_epoch, epochs=int(config.epochs), batch_size=int(config.batch_size)
         )

@@ -92,7 +92,9 @@ def train(
     steps_per_epoch = pipeline.steps_per_epoch(config, data.num_examples)
     total_steps = int(config.epochs) * steps_per_epoch
     last_step = total_steps if max_steps is None else min(max_steps, total_steps)
-    program = method.build(config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    program = method.build(
+        config, mesh, steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_examples=data.num_examples
+    )
     checkpointer = Checkpointer(workdir, keep=int(config.keep_checkpoints), method=method)
     saved = run_config.read(workdir)
 

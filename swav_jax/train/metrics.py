@@ -216,7 +216,7 @@ class Progress:
         pct = 100.0 * step / max(self.total, 1)
         print(
             f"[{step}/{self.total} {pct:5.1f}%] {steps_per_sec:.2f} steps/s {images_per_sec:.1f} img/s "
-            f"ETA {self.eta(step, steps_per_sec)} | {shown}",
+            f"ETA {self.eta(step, steps_per_sec)}" + (f" | {shown}" if shown else ""),
             file=self.stream,
             flush=True,
         )

@@ -49,6 +49,7 @@ def _validate_data(data: ml_collections.ConfigDict) -> None:
     for key in ("num_workers", "read_threads", "prefetch", "image_size"):
         non_negative_int(data[key], f"data.{key}")
     positive_int(data.canvas_size, "data.canvas_size")
+    require(isinstance(data.drop_remainder, bool), "data.drop_remainder", f"must be True or False, got {data.drop_remainder!r}")
 
 
 def _validate_crops(crops: ml_collections.ConfigDict) -> None:
