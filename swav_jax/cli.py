@@ -4,6 +4,7 @@
     swav-jax train --config demo --workdir DIR [--config.key=value ...]
     swav-jax eval knn|linear|finetune --config CONFIG --workdir DIR [--checkpoint PATH]
         [--protocol images|features] [--labels-fraction F] [--subset-file FILE] [--max-epochs N]
+    swav-jax plan --config CONFIG --topology v5p:4x4x4 [--json FILE] [--num-examples N]
     swav-jax show-crops IMAGE... --config CONFIG --out crops.png
     swav-jax convert --from-torch CHECKPOINT.pth.tar --arch resnet50 --out DIR
     swav-jax plot --workdir DIR
@@ -147,6 +148,27 @@ def _train(args, config_args):
         train(config, args.workdir, max_steps=args.max_steps, stop_requested=lambda: preemption.requested)
 
 
+def _plan(args, config_args):
+    import json
+
+    from swav_jax.plan.planner import format_plan, make_plan
+    from swav_jax.plan.topology import TpuCompilerMissing
+
+    config = load_config(config_args)
+    try:
+        plan = make_plan(config, args.topology, num_examples=args.num_examples,
+                         progress=lambda line: print(line + " ...", file=sys.stderr, flush=True))
+    except TpuCompilerMissing as e:
+        raise SystemExit(f"error: {e}") from None
+    print(format_plan(plan))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_json(), f, indent=1)
+        print(f"wrote {args.json}")
+    if not plan.fits:
+        raise SystemExit(2)
+
+
 def _show_crops(args, config_args):
     from swav_jax.data.show_crops import show_crops
 
@@ -260,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: jax.distributed.initialize() from the cluster environment (launch/ scripts set it)",
     )
     p.set_defaults(run=_train)
+
+    p = sub.add_parser(
+        "plan",
+        help="compile the run for a TPU slice on this machine: HBM, FLOPs, collectives, time (exit 2: does not fit)",
+        epilog="example: swav-jax plan --config swav_800ep --topology v5p:4x4x4 --json plan.json",
+    )
+    _add_config_argument(p)
+    p.add_argument("--topology", required=True, help="GENERATION:SHAPE, e.g. v5p:4x4x4 (v5p-128), v5e:8x8")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--num-examples", type=int, default=None,
+                   help="training examples per epoch (default: known for imagenet2012, cifar10/100, digits)")
+    p.set_defaults(run=_plan)
 
     p = sub.add_parser(
         "eval",

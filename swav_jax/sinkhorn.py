@@ -73,25 +73,28 @@ def sinkhorn(
     if n < 1 or num_prototypes < 1:
         raise ValueError(f"scores must be non-empty, got shape {scores.shape}")
 
-    s = jax.lax.stop_gradient(scores).astype(jnp.float32)
-    # N: the number of samples in the whole (all-device) problem.
-    total_samples = _psum(jnp.float32(n), axis_name)
+    # Named, so that profiles and the compiled program's metadata (op_name) show its
+    # instructions, e.g. its cross-device reductions (tests/test_plan.py counts them).
+    with jax.named_scope("sinkhorn"):
+        s = jax.lax.stop_gradient(scores).astype(jnp.float32)
+        # N: the number of samples in the whole (all-device) problem.
+        total_samples = _psum(jnp.float32(n), axis_name)
 
-    logits = (s - _pmax(jnp.max(s, axis=0), axis_name)) * (1.0 / epsilon)  # [n, K], <= 0
-    col_max = jnp.max(logits, axis=1)  # [n], <= 0
-    p = jnp.exp(logits - col_max[:, None])  # [n, K], entries in [0, 1]
-    # The release starts from Q = exp(S / eps): in this factorisation that is b =
-    # exp(col_max), which lies in [0, 1] (entries may underflow to 0 harmlessly: each
-    # prototype's best sample has col_max = 0, so no prototype sum vanishes).
-    b = jnp.exp(col_max)
-    a = None
-    for it in range(num_iters):
-        # Prototype (row) normalisation: each prototype receives mass 1/K.
-        a = 1.0 / (num_prototypes * _psum(b @ p, axis_name))  # [K]
-        if it + 1 < num_iters:
-            # Sample (column) normalisation: each sample carries mass 1/N.
-            b = 1.0 / (total_samples * (p @ a))  # [n]
-    # The last column normalisation followed by "multiply by N" makes each row sum
-    # to exactly 1: normalise a_k * P[i, k] over k.
-    q = p * a
-    return q / jnp.sum(q, axis=1, keepdims=True)
+        logits = (s - _pmax(jnp.max(s, axis=0), axis_name)) * (1.0 / epsilon)  # [n, K], <= 0
+        col_max = jnp.max(logits, axis=1)  # [n], <= 0
+        p = jnp.exp(logits - col_max[:, None])  # [n, K], entries in [0, 1]
+        # The release starts from Q = exp(S / eps): in this factorisation that is b =
+        # exp(col_max), which lies in [0, 1] (entries may underflow to 0 harmlessly: each
+        # prototype's best sample has col_max = 0, so no prototype sum vanishes).
+        b = jnp.exp(col_max)
+        a = None
+        for it in range(num_iters):
+            # Prototype (row) normalisation: each prototype receives mass 1/K.
+            a = 1.0 / (num_prototypes * _psum(b @ p, axis_name))  # [K]
+            if it + 1 < num_iters:
+                # Sample (column) normalisation: each sample carries mass 1/N.
+                b = 1.0 / (total_samples * (p @ a))  # [n]
+        # The last column normalisation followed by "multiply by N" makes each row sum
+        # to exactly 1: normalise a_k * P[i, k] over k.
+        q = p * a
+        return q / jnp.sum(q, axis=1, keepdims=True)

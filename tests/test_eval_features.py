@@ -117,6 +117,6 @@ def test_feature_fn_of_new_weights_reuses_the_compiled_program():
         batches = _batches(images, labels, [8, 8])
         out.append(extract_features(feature_fn(config, variables), batches, mesh=mesh)[0])
         if len(out) == 1:
-            compiled = features._apply._cache_size()
-    assert features._apply._cache_size() == compiled
+            compiled = features.apply_feature_fn._cache_size()
+    assert features.apply_feature_fn._cache_size() == compiled
     assert not np.allclose(out[0], out[1]) and np.array_equal(out[0], out[2])

@@ -13,15 +13,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swav_jax.data.pipeline import steps_per_epoch
 from swav_jax.plan.analysis import (
+    CONVOLUTION,
+    MATMUL,
     Collectives,
     ProgramStats,
     collective_ops,
     estimate_run,
     estimate_step,
+    flop_breakdown,
+    largest_arrays,
     program_stats,
     summarize_collectives,
 )
 from swav_jax.plan.chips import CHIPS, chip_for
+from swav_jax.plan.hlo import tiled_bytes
 from swav_jax.plan.topology import parse_topology
 
 needs_libtpu = pytest.mark.skipif(
@@ -148,6 +153,9 @@ def test_chip_table_is_complete_and_looked_up_by_topology():
         assert chip.hbm_bytes > 0 and chip.peak_bf16_flops > 0 and chip.hbm_bytes_per_s > 0
         assert chip.source.startswith("https://")
         assert chip_for(key) is chip
+        # TPUs: what the compiler lets a program use is within 10% of the published capacity.
+        assert (chip.usable_hbm_bytes is None) == key.startswith(("a100", "h1", "h2"))
+        assert 0.9 < chip.program_hbm_bytes / chip.hbm_bytes < 1.1
     assert chip_for("v5p:4x4x4") is CHIPS["v5p"]
     assert chip_for("v5litepod:8x8") is CHIPS["v5e"]
     with pytest.raises(ValueError, match="unknown chip 'v9'"):
@@ -174,3 +182,106 @@ def test_topology_devices_are_one_per_chip_with_coordinates():
         assert len({tuple(d.coords) for d in devices}) == len(devices)
     with pytest.raises(ValueError, match="libtpu cannot build it"):
         topology_devices("v5p:3x3x3")
+
+
+# A module with a convolution inside a fusion (operand shapes only at their definitions),
+# a matrix product emitted as a convolution, a dot and a strided convolution.
+CONV_HLO = """HloModule jit_f, num_partitions=4
+%fused_conv (param_0.1: bf16[8,7,7,64], param_1.1: bf16[3,3,64,128]) -> bf16[8,7,7,128] {
+  %param_0.1 = bf16[8,7,7,64]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1.1 = bf16[3,3,64,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %conv.1 = bf16[8,7,7,128]{3,2,1,0:T(8,128)(2,1)} convolution(%param_0.1, %param_1.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/backbone/conv_general_dilated" stack_frame_id=3}
+}
+ENTRY %main (x: bf16[8,7,7,64], w: bf16[3,3,64,128], m: f32[8,512], v: f32[512,300]) -> (bf16[8,7,7,128], f32[8,300]) {
+  %x = bf16[8,7,7,64]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %w = bf16[3,3,64,128]{3,2,1,0:T(8,128)(2,1)} parameter(1)
+  %m = f32[8,512]{1,0:T(8,128)} parameter(2)
+  %v = f32[512,300]{1,0:T(8,128)} parameter(3)
+  %fusion.1 = bf16[8,7,7,128]{3,2,1,0:T(8,128)(2,1)} fusion(%x, %w), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(f)/backbone/conv_general_dilated"}
+  %strided = bf16[8,4,4,128]{3,2,1,0:T(8,128)(2,1)} convolution(%x, %w), window={size=3x3 stride=2x2 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  %matmul = f32[8,300]{1,0:T(8,128)} convolution(%m, %v), dim_labels=bf_io->bf, metadata={op_name="jit(f)/head/dot_general"}
+  %dot.2 = f32[8,300]{1,0} dot(%m, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple = (bf16[8,7,7,128]{3,2,1,0:T(8,128)(2,1)}, f32[8,300]{1,0:T(8,128)}) tuple(%fusion.1, %matmul)
+}
+"""
+
+
+def test_flop_breakdown_counts_taps_that_read_input_and_sorts_by_source():
+    # 3x3, pad 1 over 7 positions: 7 * 3 - 2 = 19 (output, tap) pairs read input per
+    # dimension; stride 2 (4 outputs): 2 + 3 + 3 + 2 = 10.
+    conv = 2 * 8 * 128 * 64 * 19 * 19
+    strided = 2 * 8 * 128 * 64 * 10 * 10
+    matmul = 2 * 8 * 300 * 512
+    assert flop_breakdown(CONV_HLO) == {CONVOLUTION: conv + strided, MATMUL: 2 * matmul}
+
+
+def test_largest_arrays_skip_fusion_bodies_and_parameters_and_count_tiles():
+    arrays = largest_arrays(CONV_HLO, count=10)
+    assert [(a.shape, a.bytes) for a in arrays] == [
+        ("bf16[8,7,7,128]", 8 * 7 * 8 * 128 * 2),  # the fusion's result; its body's root is not stored
+        ("bf16[8,4,4,128]", 8 * 4 * 8 * 128 * 2),
+        ("f32[8,300]", 8 * 384 * 4),  # tiled (8, 128)
+        ("f32[8,300]", 8 * 300 * 4),  # no tiles in its layout
+    ]
+    assert arrays[0].op_name == "jit(f)/backbone/conv_general_dilated"
+
+
+def test_tiled_bytes_round_the_minor_dimensions_up_to_the_tile():
+    assert tiled_bytes((3, 3, 64), 32, (2, 1, 0), (8, 128)) == 3 * 8 * 128 * 4
+    assert tiled_bytes((300,), 32, (0,), (512,)) == 512 * 4
+    assert tiled_bytes((), 32, (), (128,)) == 128 * 4
+    # Minor-to-major (3, 2, 0, 4, 1): W then H are the tiled dimensions.
+    assert tiled_bytes((8, 1, 16, 16, 3), 32, (3, 2, 0, 4, 1), (8, 128)) == 8 * 1 * 16 * 128 * 3 * 4
+
+
+@needs_libtpu
+def test_flop_breakdown_agrees_with_xla_on_a_tpu_program():
+    """Convolutions (padded, strided, their gradients) and a matrix product compiled for
+    v5p: the breakdown is XLA's own FLOP count where nothing else computes."""
+    mesh = _v5p_mesh()
+
+    def conv(x, w, stride):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def compiled(f, *args):
+        specs = tuple(P("data") if i == 0 else P() for i in range(len(args)))
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P("data"))).lower(*args).compile()
+
+    x = jax.ShapeDtypeStruct((32, 7, 7, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    v = jax.ShapeDtypeStruct((64, 300), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    for f, args, expected in [
+        (lambda x, w: conv(x, w, 1), (x, w), {CONVOLUTION: 2 * 8 * 128 * 64 * 19 * 19, MATMUL: 0}),
+        (lambda x, w: conv(x, w, 2), (x, w), {CONVOLUTION: 2 * 8 * 128 * 64 * 10 * 10, MATMUL: 0}),
+        (lambda x, v: x @ v, (x, v), {CONVOLUTION: 0, MATMUL: 2 * 8 * 7 * 7 * 64 * 300}),
+    ]:
+        program = compiled(f, *args)
+        assert flop_breakdown(program.as_text()) == expected
+        assert program.cost_analysis()["flops"] == sum(expected.values())
+    # The forward and the weight gradient of a squared-output loss; XLA adds the square's
+    # elementwise work.
+    program = compiled(lambda x, w: jax.grad(lambda w: (conv(x, w, 1) ** 2).sum())(w)[None], x, w)
+    breakdown = flop_breakdown(program.as_text())
+    assert breakdown == {CONVOLUTION: 2 * 2 * 8 * 128 * 64 * 19 * 19, MATMUL: 0}
+    assert 0 < program.cost_analysis()["flops"] - breakdown[CONVOLUTION] < 0.01 * breakdown[CONVOLUTION]
+
+
+@needs_libtpu
+def test_usable_hbm_is_what_the_compiler_lets_a_program_use():
+    """A program needing 128 GiB per chip is refused by every generation's compiler with
+    its 'available HBM', which the chip table records."""
+    import re
+
+    from swav_jax.plan.chips import GIB
+    from swav_jax.plan.topology import topology_devices
+
+    for topology in ("v4:2x2x1", "v5p:2x2x1", "v5e:2x2", "v6e:2x2"):
+        mesh = Mesh(np.array(topology_devices(topology)), ("data",))
+        fn = jax.jit(jax.shard_map(lambda x: jnp.sin(x) * 2, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+        x = jax.ShapeDtypeStruct((4 * 2**17, 2**17), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+        with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as refused:
+            fn.lower(x).compile()
+        available = re.search(r"available HBM \(([0-9.]+)G\)", str(refused.value))
+        assert available, str(refused.value)
+        assert chip_for(topology).usable_hbm_bytes == int(float(available.group(1)) * GIB), topology

@@ -71,6 +71,26 @@ def steps_per_epoch(config, num_examples: int) -> int:
     return num_examples // config.batch_size
 
 
+def crop_program(config, mesh: jax.sharding.Mesh, data_axis: str | Sequence[str]):
+    """The device half of multi-crop, run on every batch: jitted (canvas uint8 [G, C, C, 3],
+    boxes float32 [G, V, 4], flip bool [G, V]), sharded over `data_axis` on G, -> crops,
+    a tuple of uint8 [num_crops_g, G, S_g, S_g, 3] sharded PartitionSpec(None, data_axis)."""
+    crops = functools.partial(crop_groups, size_crops=config.crops.size_crops, num_crops=config.crops.num_crops)
+    return jax.jit(jax.shard_map(crops, mesh=mesh, in_specs=P(data_axis), out_specs=P(None, data_axis)))
+
+
+def abstract_crop_inputs(config, mesh: jax.sharding.Mesh, data_axis: str | Sequence[str]) -> tuple:
+    """ShapeDtypeStructs with shardings of `crop_program`'s (canvas, boxes, flip) for one
+    global batch of `config` (what `TrainIterator` places on the mesh)."""
+    g, c, v = int(config.batch_size), int(config.data.canvas_size), sum(config.crops.num_crops)
+    sharding = NamedSharding(mesh, P(data_axis))
+    return (
+        jax.ShapeDtypeStruct((g, c, c, 3), np.uint8, sharding=sharding),
+        jax.ShapeDtypeStruct((g, v, 4), np.float32, sharding=sharding),
+        jax.ShapeDtypeStruct((g, v), np.bool_, sharding=sharding),
+    )
+
+
 def data_axis_size(mesh: jax.sharding.Mesh, data_axis: str | Sequence[str]) -> int:
     """Number of devices along `data_axis` (a mesh axis name or a tuple of them)."""
     axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
@@ -255,10 +275,7 @@ class TrainIterator:
             raise ValueError(f"c.data.prefetch must be >= 0, got {config.data.prefetch}")
         self.steps_per_epoch = steps_per_epoch(config, self.num_examples)
         self._batch_sharding = NamedSharding(mesh, P(data_axis))
-        crops = functools.partial(crop_groups, size_crops=config.crops.size_crops, num_crops=config.crops.num_crops)
-        self._crop_fn = jax.jit(
-            jax.shard_map(crops, mesh=mesh, in_specs=P(data_axis), out_specs=P(None, data_axis))
-        )
+        self._crop_fn = crop_program(config, mesh, data_axis)
         self._prefetch = int(config.data.prefetch)
         self._next_batch = 0  # global batches handed out
         # Distinct unreadable records met in the batches this process has handed out

@@ -119,9 +119,11 @@ def shard_batch(
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
-def _apply(feature_fn: Partial, images: jax.Array, dtype: np.dtype) -> jax.Array:
-    # Module level, so that repeated extractions with the same function (an online
-    # monitor every few epochs) reuse the compiled program.
+def apply_feature_fn(feature_fn: Partial, images: jax.Array, dtype: np.dtype) -> jax.Array:
+    """The jitted feature step: `feature_fn(images)` cast to `dtype` on device.
+
+    Module level, so that repeated extractions with the same function (an online monitor
+    every few epochs) reuse the compiled program."""
     return feature_fn(images).astype(dtype)
 
 
@@ -162,7 +164,7 @@ def extract_features(
         if size is None:
             size = padded_batch_size(np.shape(batch["image"])[0], mesh, data_axis)
         placed = shard_batch(batch, mesh=mesh, data_axis=data_axis, size=size)
-        out = _apply(feature_fn, placed["image"], dtype=dtype)
+        out = apply_feature_fn(feature_fn, placed["image"], dtype=dtype)
         if out.ndim != 2:
             raise ValueError(f"feature_fn must return [b, F] features, got shape {out.shape}")
         host = multihost_utils.process_allgather(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -106,9 +106,10 @@ class ClassifierState:
     last: dict[str, jax.Array]
 
 
-def eval_mesh() -> Mesh:
-    """The 1-D ('data',) mesh of every device of every process."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def eval_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The 1-D ('data',) mesh over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
 
 
 def augmented_batches(

@@ -25,6 +25,31 @@ from swav_jax.mesh import bn_group_axis, data_axes
 _BATCH_FIELD_AXIS = {"crops": 1, "index": 0, "label": 0}
 
 
+def batch_spec(name: str, mesh: Mesh) -> P:
+    """The PartitionSpec of batch field `name`: split over the data axes on its batch dimension."""
+    return P(*([None] * _BATCH_FIELD_AXIS[name]), data_axes(mesh))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, fields: Sequence[str]) -> dict[str, Any]:
+    """ShapeDtypeStructs with shardings of the batch fields `fields` as the input pipeline
+    lays them out for a step (B = config.batch_size, global): 'crops' a tuple of uint8
+    [num_crops_g, B, S_g, S_g, 3], one per resolution group; 'index' and 'label' int32 [B]."""
+    def struct(shape, dtype, name):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, batch_spec(name, mesh)))
+
+    batch_size = int(config.batch_size)
+    batch = {}
+    for name in fields:
+        if name == "crops":
+            batch[name] = tuple(
+                struct((int(n), batch_size, int(s), int(s), 3), jnp.uint8, name)
+                for n, s in zip(config.crops.num_crops, config.crops.size_crops)
+            )
+        else:
+            batch[name] = struct((batch_size,), jnp.int32, name)
+    return batch
+
+
 class TrainProgram(NamedTuple):
     """A method's training program on one mesh.
 
@@ -147,12 +172,7 @@ def sharded_train_step(
     batch fields (split over all mesh axes) and returns the new state and float32 scalar
     metrics that are already equal on every device.
     """
-    axes = data_axes(mesh)
-
-    def field_spec(name):
-        return P(*([None] * _BATCH_FIELD_AXIS[name]), axes)
-
-    batch_specs = {name: field_spec(name) for name in batch_fields}
+    batch_specs = {name: batch_spec(name, mesh) for name in batch_fields}
     sharded = jax.shard_map(
         local_step, mesh=mesh, in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()), check_vma=False
     )

@@ -24,22 +24,16 @@ import math
 import re
 
 import jax
+import numpy as np
 
+from swav_jax.plan import hlo
 from swav_jax.plan.chips import Chip
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                     "collective-broadcast")
 
-# `%name = TYPE OPCODE(` for the collective opcodes. Asynchronous pairs are counted once,
-# by their `-done`, whose type is the collective's result (a `-start` returns a tuple
-# that also holds the operands and scratch).
-_INSTRUCTION = re.compile(
-    r"=\s*(?P<type>.*?)\s(?P<kind>" + "|".join(COLLECTIVE_KINDS) + r")(?P<async>-start|-done)?\("
-)
-_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _GROUPS_LISTED = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[[0-9,]*?([0-9]+)\]<=")
-_PARTITIONS = re.compile(r"num_partitions=([0-9]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +46,8 @@ class CollectiveOp:
       group_size: chips per replica group (for a collective permute: all partitions).
       operand_bytes: bytes each chip contributes (its operands).
       link_bytes: bytes each chip sends over the interconnect (ring algorithms).
+      source: the jax operation it comes from (metadata op_name, e.g.
+        'jit(train_step)/shard_map/jvp()/sinkhorn/psum'); '' when none.
     """
 
     kind: str
@@ -59,6 +55,7 @@ class CollectiveOp:
     group_size: int
     operand_bytes: int
     link_bytes: float
+    source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,33 +123,27 @@ class RunEstimate:
     chip_hours: float
 
 
-def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
-    bits = re.search(r"[0-9]+", dtype)  # bf16 -> 16, f8e4m3fn -> 8; token[] holds no data
-    width = 8 if dtype == "pred" else int(bits.group()) if bits else 0
-    return math.prod(dims) * width // 8
-
-
 def collective_ops(hlo_text: str) -> list[CollectiveOp]:
     """The collective instructions of an optimised HLO module (`compiled.as_text()`), in
-    text order, each counted once. Instructions inside loop bodies are counted once,
-    not per iteration."""
-    header = _PARTITIONS.search(hlo_text)
-    partitions = int(header.group(1)) if header else 1
+    text order, each counted once: an asynchronous pair by its `-done`, whose type is the
+    collective's result (a `-start` returns a tuple that also holds the operands and
+    scratch). Instructions inside loop bodies are counted once, not per iteration."""
+    module = hlo.parse_module(hlo_text)
     ops = []
-    for line in hlo_text.splitlines():
-        m = _INSTRUCTION.search(line)
-        if not m or m.group("async") == "-start":
+    for instruction in module.instructions:
+        kind = instruction.opcode.removesuffix("-done")
+        if kind not in COLLECTIVE_KINDS:
             continue
-        kind = m.group("kind")
-        shapes = tuple((dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(m.group("type")))
-        listed, iota = _GROUPS_LISTED.search(line), _GROUPS_IOTA.search(line)
+        arrays = instruction.arrays
+        listed = _GROUPS_LISTED.search(instruction.attributes)
+        iota = _GROUPS_IOTA.search(instruction.attributes)
         if listed:
             n = len(listed.group(1).split(","))
         elif iota:
             n = int(iota.group(1))
         else:  # no groups (or a permute's source-target pairs): all partitions
-            n = partitions
-        result = sum(_array_bytes(dtype, dims) for dtype, dims in shapes)
+            n = module.num_partitions
+        result = sum(a.bytes for a in arrays)
         operand = {"all-gather": result // n, "reduce-scatter": result * n}.get(kind, result)
         share = (n - 1) / n
         link = {
@@ -161,7 +152,7 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
             "reduce-scatter": share * operand,
             "all-to-all": share * result,
         }.get(kind, float(result))
-        ops.append(CollectiveOp(kind, shapes, n, operand, link))
+        ops.append(CollectiveOp(kind, tuple((a.dtype, a.dims) for a in arrays), n, operand, link, instruction.op_name))
     return ops
 
 
@@ -213,3 +204,102 @@ def estimate_run(step_s: float, *, global_batch: int, total_steps: int, chips: i
                          f"{step_s}, {global_batch}, {total_steps}, {chips}")
     hours = total_steps * step_s / 3600
     return RunEstimate(images_per_s=global_batch / step_s, hours=hours, chip_hours=hours * chips)
+
+
+# The jax primitives whose instructions the FLOP breakdown counts (from their metadata;
+# a TPU compiler emits matrix products as convolutions too).
+CONVOLUTION, MATMUL = "conv_general_dilated", "dot_general"
+
+
+def _window_taps(lhs: int, out: int, size: int, stride: int, low: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, kernel tap) pairs of one spatial dimension that read an input
+    element, not padding or a hole of the dilated input."""
+    o = np.arange(out)[:, None]
+    k = np.arange(size)[None, :]
+    pos = o * stride - low + k * rhs_dilate
+    valid = (pos >= 0) & (pos <= (lhs - 1) * lhs_dilate) & (pos % lhs_dilate == 0)
+    return int(valid.sum())
+
+
+def _convolution_flops(instruction: hlo.Instruction, shapes: dict[str, tuple[int, ...]]) -> int:
+    """2 x multiply-adds of a convolution, counting only taps that read input elements
+    (as XLA's cost analysis does): out batch x out features x kernel input features x the
+    product over spatial dimensions of `_window_taps`."""
+    lhs, rhs = (shapes[name] for name in instruction.operands[:2])
+    (out,) = instruction.arrays
+    labels = instruction.attribute("dim_labels")
+    lhs_labels, rest = labels.split("_", 1)
+    rhs_labels, out_labels = rest.split("->")
+    window = dict(item.split("=") for item in (instruction.attribute("window") or "").split())
+    spatial = [c for c in out_labels if c.isdigit()]
+
+    def per_dim(key, default):
+        return window[key].split("x") if key in window else [default] * len(spatial)
+
+    sizes, strides = per_dim("size", "1"), per_dim("stride", "1")
+    pads, lhs_dil, rhs_dil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for d, c in enumerate(spatial):
+        taps *= _window_taps(
+            lhs[lhs_labels.index(c)], out.dims[out_labels.index(c)], int(sizes[d]), int(strides[d]),
+            int(pads[d].split("_")[0]), int(lhs_dil[d]), int(rhs_dil[d]),
+        )
+    return 2 * out.dims[out_labels.index("b")] * out.dims[out_labels.index("f")] * rhs[rhs_labels.index("i")] * taps
+
+
+def _dot_flops(instruction: hlo.Instruction, shapes: dict[str, tuple[int, ...]]) -> int:
+    lhs = shapes[instruction.operands[0]]
+    contracting = [int(d) for d in (instruction.attribute("lhs_contracting_dims") or "").split(",") if d]
+    (out,) = instruction.arrays
+    return 2 * math.prod(out.dims) * math.prod(lhs[d] for d in contracting)
+
+
+def flop_breakdown(hlo_text: str) -> dict[str, int]:
+    """FLOPs per chip and step of the convolution and dot instructions of an optimised
+    HLO module, by the jax primitive their metadata names: {CONVOLUTION: FLOPs of
+    instructions from `conv_general_dilated`, MATMUL: from `dot_general`} (a TPU compiler
+    emits both as convolutions). Instructions without that metadata count by opcode.
+    Instructions inside loop bodies count once, as in XLA's cost analysis."""
+    module = hlo.parse_module(hlo_text)
+    shapes = {}
+    for instruction in module.instructions:
+        arrays = instruction.arrays
+        if len(arrays) == 1 and not instruction.type.startswith("("):
+            shapes[instruction.name] = arrays[0].dims
+    totals = {CONVOLUTION: 0, MATMUL: 0}
+    for instruction in module.instructions:
+        if instruction.opcode == "convolution":
+            flops, default = _convolution_flops(instruction, shapes), CONVOLUTION
+        elif instruction.opcode == "dot":
+            flops, default = _dot_flops(instruction, shapes), MATMUL
+        else:
+            continue
+        source = instruction.op_name.rsplit("/", 1)[-1]
+        totals[source if source in totals else default] += flops
+    return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class LargeArray:
+    bytes: int  # in HBM, with the layout's tile padding
+    shape: str  # e.g. 'bf16[64,56,56,256]'
+    op_name: str  # the jax source (metadata), '' when none
+
+
+def largest_arrays(hlo_text: str, count: int = 5) -> list[LargeArray]:
+    """The `count` largest arrays an optimised HLO module writes to memory: results of
+    instructions outside fusion bodies, except parameters and aliases of other buffers
+    (tuples, their elements, bitcasts). Equal (shape, source) pairs are listed once."""
+    module = hlo.parse_module(hlo_text)
+    aliases = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
+    seen, found = set(), []
+    for instruction in module.instructions:
+        if instruction.computation in module.fusion_bodies or instruction.opcode in aliases:
+            continue
+        for array in instruction.arrays:
+            shape = f"{array.dtype}[{','.join(map(str, array.dims))}]"
+            key = (shape, instruction.op_name)
+            if key not in seen:
+                seen.add(key)
+                found.append(LargeArray(array.padded_bytes, shape, instruction.op_name))
+    return sorted(found, key=lambda a: -a.bytes)[:count]

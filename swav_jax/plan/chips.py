@@ -28,6 +28,8 @@ class Chip:
         chip-to-chip interconnect (ICI); None where no published figure gives it.
       source: the page the figures are from.
       note: derivations and what could not be verified.
+      usable_hbm_bytes: the HBM the TPU compiler lets one program use (libtpu 0.0.42.1's
+        "available HBM" in its out-of-memory message, read as GiB); None where not read.
     """
 
     name: str
@@ -37,6 +39,12 @@ class Chip:
     allreduce_bytes_per_s: float | None
     source: str
     note: str = ""
+    usable_hbm_bytes: int | None = None
+
+    @property
+    def program_hbm_bytes(self) -> int:
+        """What a run may fill: the compiler's usable HBM where known, else the capacity."""
+        return self.hbm_bytes if self.usable_hbm_bytes is None else self.usable_hbm_bytes
 
 
 CHIPS: dict[str, Chip] = {
@@ -49,6 +57,7 @@ CHIPS: dict[str, Chip] = {
         source="https://cloud.google.com/tpu/docs/v4",
         note="all-reduce: the page's 1.1 PB/s all-reduce bandwidth per Pod over its 4096 chips; "
         "no per-chip ICI figure is printed",
+        usable_hbm_bytes=int(30.75 * GIB),
     ),
     "v5e": Chip(
         name="TPU v5e",
@@ -59,6 +68,7 @@ CHIPS: dict[str, Chip] = {
         source="https://cloud.google.com/tpu/docs/v5e",
         note="all-reduce: the page's 51.2 TB/s all-reduce bandwidth per Pod over its 256 chips "
         "(half the 400 GB/s bidirectional ICI bandwidth per chip it also prints)",
+        usable_hbm_bytes=int(15.75 * GIB),
     ),
     "v5p": Chip(
         name="TPU v5p",
@@ -69,6 +79,7 @@ CHIPS: dict[str, Chip] = {
         source="https://cloud.google.com/tpu/docs/v5p",
         note="all-reduce: the page's 4800 Gbps inter-chip interconnect bandwidth (600 GB/s; the "
         "page prints no all-reduce bandwidth per Pod)",
+        usable_hbm_bytes=int(95.74 * GIB),
     ),
     "v6e": Chip(
         name="TPU v6e (Trillium)",
@@ -79,6 +90,7 @@ CHIPS: dict[str, Chip] = {
         source="https://cloud.google.com/tpu/docs/v6e",
         note="all-reduce: the page's 102.4 TB/s all-reduce bandwidth per Pod over its 256 chips "
         "(half the 800 GB/s bidirectional ICI bandwidth per chip it also prints)",
+        usable_hbm_bytes=int(31.25 * GIB),
     ),
     "a100": Chip(
         name="NVIDIA A100 80GB SXM",

@@ -85,5 +85,8 @@ def topology_devices(name: str, *, num_slices: int = 1) -> list[jax.Device]:
             **kwargs,
         )
     except jax.errors.JaxRuntimeError as e:
-        raise ValueError(f"topology {topology.name}: libtpu cannot build it: {e}") from None
+        hint = ""
+        if "lockfile" in str(e):  # another process has libtpu loaded (a training run, another plan)
+            hint = " (another process holds libtpu; ALLOW_MULTIPLE_LIBTPU_LOAD=1 compiles beside it)"
+        raise ValueError(f"topology {topology.name}: libtpu cannot build it: {e}{hint}") from None
     return list(description.devices)

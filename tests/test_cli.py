@@ -1,0 +1,15 @@
+"""The command line's config loading."""
+
+import os
+
+from swav_jax.cli import load_config
+
+TINY = os.path.join(os.path.dirname(__file__), "tiny_config.py")
+
+
+def test_overrides_reach_the_config_when_main_is_called_in_process():
+    # ml_collections reads the overrides from sys.argv unless told otherwise; main(argv)
+    # in-process (tests, launchers calling it) has other arguments there.
+    config = load_config([f"--config={TINY}", "--config.batch_size=32", "--config.model.num_prototypes=(7,)"])
+    assert config.batch_size == 32 and tuple(config.model.num_prototypes) == (7,)
+    assert load_config([f"--config={TINY}"]).batch_size == 16
