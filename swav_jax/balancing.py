@@ -1,4 +1,4 @@
-"""ExCB: explicit online cluster balancing (Maniadis Metaxas et al., ECCV 2024; SPEC §10).
+"""ExCB: explicit online cluster balancing (Maniadis Metaxas et al., ECCV 2024; docs/ALGORITHM.md §8).
 
 Pure jax.numpy; imports nothing else from the package, so it can be taken alone.
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 # Floor on the relative size r_k = s_k * K used by the operator. A cluster that no
 # sample picks decays geometrically and reaches s_k = 0 in float32 after ~80k steps
-# (K = 65,536, m_s = 0.999); there SPEC's 1 - (1 - z) r_k is 1 for every sample, so
+# (K = 65,536, m_s = 0.999); there the operator's 1 - (1 - z) r_k is 1 for every sample, so
 # all such clusters tie for every sample's argmax. The floor moves z' by at most 2e-6
 # (5e-5 in the teacher logits at temperature 0.04) and keeps it increasing in z, so
 # ties break by similarity. (The release adds uniform noise in [0, 1e-3) to a zero
@@ -77,7 +77,7 @@ def init_cluster_sizes(num_clusters: int) -> jax.Array:
 
 
 def balance_similarities(similarities: jax.Array, sizes: jax.Array) -> jax.Array:
-    """The ExCB balancing operator on cosine similarities (SPEC §10).
+    """The ExCB balancing operator on cosine similarities (docs/ALGORITHM.md §8).
 
     With r_k = s_k * K the relative size of cluster k (1 for a cluster of average size):
 
@@ -131,7 +131,7 @@ def update_cluster_sizes(
     momentum: float = 0.999,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
-    """One EMA step of the cluster-size tracker (SPEC §10).
+    """One EMA step of the cluster-size tracker (docs/ALGORITHM.md §8).
 
     The teacher's hard assignment of a sample view is the argmax over clusters of its
     *balanced* similarities under the current `sizes`, i.e. the argmax of the teacher
@@ -170,7 +170,7 @@ def excb_loss(
     teacher_temperature: float = 0.04,
     student_temperature: float = 0.1,
 ) -> jax.Array:
-    """ExCB teacher-student cross-entropy with balanced teacher targets (SPEC §10).
+    """ExCB teacher-student cross-entropy with balanced teacher targets (docs/ALGORITHM.md §8).
 
     Targets q_a = softmax(balance_similarities(t_a, sizes) / teacher_temperature) for
     each of the G global teacher views a; predictions log_softmax(x / student_temperature)
@@ -182,12 +182,12 @@ def excb_loss(
                     + 1/2 * mean_{v}      CE(q_a, g_v) ]    (all views, predictor path)
 
     Each path is an equal-weight mean over its (teacher view, student view) pairs and
-    the two paths weigh half each, as SPEC §10 says. Which student views the h path
+    the two paths weigh half each, as docs/ALGORITHM.md §8 says. Which student views the h path
     pairs with is the release's (ManiadisG/ExCB: `Trainer.unroll_batch` matches each
     teacher view with the other teacher views and with every predictor output), not
-    SPEC's "all other student views": with the local crops in the h path as well, the
+    the reading "all other student views": with the local crops in the h path as well, the
     demo's projections collapsed onto one direction and the loss stayed near ln(K)
-    (docs/EXCB_DEMO.md). The release then averages its 1 + V pairs equally; SPEC's half
+    (docs/EXCB_DEMO.md). The release then averages its 1 + V pairs equally; the half
     weights are kept (the demo's runs cannot tell the two apart). A collapsed model sits
     at ln(K).
 

@@ -1,4 +1,4 @@
-"""SwAV swapped-prediction loss over multi-crop scores (SPEC §3-§4).
+"""SwAV swapped-prediction loss over multi-crop scores (docs/ALGORITHM.md §5-§6).
 
 Pure jax.numpy; imports only `sinkhorn` from the package, so `from swav_jax import
 swav_loss` pays for nothing but jax.
@@ -58,7 +58,7 @@ def assign_codes(
 
     Args:
       scores: [V, B, K] any float dtype, crop-major (view v of local batch B).
-      crops_for_assign: the views whose codes are targets (SPEC: the two global crops).
+      crops_for_assign: the views whose codes are targets (the release: the two global crops).
       epsilon, num_iters, axis_name: as `sinkhorn`.
       queue_scores: optional [len(crops_for_assign), L, K]: scores of queued embeddings
         against the current prototypes, one queue per assigning crop. They are placed
@@ -141,7 +141,7 @@ def swav_loss(
     axis_name: str | None = None,
     queue_scores: jax.Array | None = None,
 ) -> jax.Array:
-    """SwAV loss of multi-crop prototype scores (SPEC §2-§4).
+    """SwAV loss of multi-crop prototype scores (docs/ALGORITHM.md §4-§6).
 
     Args:
       scores: [V, B, K] any float dtype, crop-major; V views of the local batch B.

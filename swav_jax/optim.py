@@ -1,4 +1,4 @@
-"""SwAV optimiser: LR schedule, LARS in two modes, prototype freezing (SPEC §5).
+"""SwAV optimiser: LR schedule, LARS in two modes, prototype freezing (docs/ALGORITHM.md §7).
 
   lr_schedule      per-iteration LR: linear warmup (endpoint included), then cosine
   make_optimizer   LARS over momentum SGD, wrapped in `freeze_for`

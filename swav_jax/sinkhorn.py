@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp equipartition codes (SwAV, SPEC §2).
+"""Sinkhorn-Knopp equipartition codes (SwAV, docs/ALGORITHM.md §4).
 
 Pure jax.numpy; imports nothing else from the package so it can be taken alone.
 

@@ -1,4 +1,4 @@
-"""Independent float64 NumPy statement of SPEC §2-§4, written from the SPEC text.
+"""Independent float64 NumPy statement of docs/ALGORITHM.md §4-§6, written from docs/ALGORITHM.md.
 
 Deliberately the literal, slow form: the K x N matrix is normalised in place, as the
 release does, with no stabilisation (float64 has the range for |S / eps| <= 100).

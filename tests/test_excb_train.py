@@ -1,6 +1,6 @@
 """ExCB in the trainer: sharded step equals single device, EMA teacher, centroid gradient
 paths, tracker hard counts, optimiser and schedules against float64 NumPy references
-written from SPEC §10 / the release, and a resumable run through `train()`."""
+written from docs/ALGORITHM.md §8 / the release, and a resumable run through `train()`."""
 
 import functools
 import json
@@ -75,11 +75,11 @@ def single_run():
     return config, batches, states, history
 
 
-# ---- float64 references from SPEC §10 / the release ------------------------------------
+# ---- float64 references from docs/ALGORITHM.md §8 / the release ------------------------------
 
 
 def balance_ref(z, sizes):
-    """SPEC §10: r_k = s_k K; r < 1: 1 - (1 - z) r; r > 1: (1 + z) / r - 1; else z."""
+    """docs/ALGORITHM.md §8: r_k = s_k K; r < 1: 1 - (1 - z) r; r > 1: (1 + z) / r - 1; else z."""
     z = np.asarray(z, np.float64)
     r = np.asarray(sizes, np.float64) / np.sum(sizes) * len(sizes)
     return np.where(r < 1, 1 - (1 - z) * r, np.where(r > 1, (1 + z) / r - 1, z))

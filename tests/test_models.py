@@ -1,7 +1,7 @@
 """Tests for swav_jax.models: ResNet trunks, SwAV head/prototypes, multi-crop forward, sync BN.
 
 References are float64 NumPy, written from the architecture description (torchvision
-v1.5 ResNet, SPEC §1 and §6), not from the Flax code. Real forwards use tiny widths
+v1.5 ResNet, docs/ALGORITHM.md §3), not from the Flax code. Real forwards use tiny widths
 (`base_width`) and small images; big models are only traced with `jax.eval_shape`.
 """
 

@@ -1,4 +1,4 @@
-"""Optimiser tests against float64 NumPy re-statements of SPEC §5 (not of the code)."""
+"""Optimiser tests against float64 NumPy re-statements of docs/ALGORITHM.md §7 (not of the code)."""
 
 import math
 
@@ -184,7 +184,7 @@ def make_problem(seed=0):
 
 
 def swav_step_ref(w, g, buf, lr, *, wd, trust, eps, momentum, skip=()):
-    """SPEC §5, release semantics, float64. Dicts of leaves; buf[k] is None until first use.
+    """docs/ALGORITHM.md §7, release semantics, float64. Dicts of leaves; buf[k] is None until first use.
 
     Leaves in `skip` have grad None: LARC and SGD leave them (and their buffer) alone.
     """

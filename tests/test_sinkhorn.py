@@ -1,4 +1,4 @@
-"""swav_jax.sinkhorn against the float64 SPEC reference, sharded and unsharded."""
+"""swav_jax.sinkhorn against the float64 reference of docs/ALGORITHM.md §4-§6, sharded and unsharded."""
 
 import jax
 import jax.numpy as jnp

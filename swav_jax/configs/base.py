@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "swav"  # swav | excb (online cluster balancing, SPEC §10) | deepclusterv2
+    c.method = "swav"  # swav | excb (online cluster balancing, docs/ALGORITHM.md §8) | deepclusterv2
     c.seed = 31
     c.batch_size = 4096  # global, over all devices and processes
     c.epochs = 800
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.crops.min_scale_crops = (0.14, 0.05)
     c.crops.max_scale_crops = (1.0, 0.14)
 
-    # Device-side augmentation (SPEC §7).
+    # Device-side augmentation (docs/ALGORITHM.md §2).
     c.augment = ml_collections.ConfigDict()
     c.augment.color_jitter_strength = 1.0  # brightness/contrast/saturation 0.8*s, hue 0.2*s
     c.augment.color_jitter_prob = 0.8
@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.sync_bn_group_size = 8  # 0: BN statistics over all devices; else groups of n
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
 
-    # SwAV (SPEC §2-§4).
+    # SwAV (docs/ALGORITHM.md §4-§6).
     c.swav = ml_collections.ConfigDict()
     c.swav.crops_for_assign = (0, 1)
     c.swav.temperature = 0.1
@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.swav.epoch_queue_starts = 15
     c.swav.freeze_prototypes_niters = 313
 
-    # ExCB (SPEC §10; method = "excb"). Its backbone comes from c.model (arch, width,
+    # ExCB (docs/ALGORITHM.md §8; method = "excb"). Its backbone comes from c.model (arch, width,
     # base_width, small_stem, dtype, sync_bn_group_size), its head from here. It trains
     # with plain SGD: c.optim.base_lr / final_lr / start_warmup / warmup_epochs /
     # scale_lr_with_batch give the LR, c.optim.momentum the momentum, c.optim.weight_decay
@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.deepclusterv2.temperature = 0.1  # of the cross-entropy against the pseudo-labels
     c.deepclusterv2.kmeans_iters = 10  # centroid updates per head and epoch
 
-    # Optimisation (SPEC §5).
+    # Optimisation (docs/ALGORITHM.md §7).
     c.optim = ml_collections.ConfigDict()
     c.optim.lars_mode = "swav"  # swav: the release's LARC over SGD | optax: optax.lars
     c.optim.base_lr = 4.8
@@ -117,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.trust_coefficient = 0.001
     c.optim.lars_eps = 1e-8
 
-    # Evaluation of frozen features (SPEC §8; swav_jax/eval).
+    # Evaluation of frozen features (docs/ALGORITHM.md §11; swav_jax/eval).
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256  # global
     c.eval.image_size = 0  # 0: the first crop resolution (resize size*256/224, centre crop)

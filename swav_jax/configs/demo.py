@@ -5,7 +5,7 @@ The demo: SwAV on scikit-learn's bundled digits, on a laptop CPU in a few minute
 1,437 training digits (8x8, upscaled to 16 px), a narrow ResNet-18 (base width 8) with
 the small-image stem, 2 x 16 px + 4 x 8 px crops, 64 prototypes, 880 steps, LARS as
 the release. Small data sets need a smaller epsilon than ImageNet (0.05 collapses to
-ln(K), SPEC §9), and these tiny grey images need a milder augmentation than ImageNet's:
+ln(K), docs/ALGORITHM.md §10), and these tiny grey images need a milder augmentation than ImageNet's:
 with the full-strength recipe (blur, small local crops, jitter 1.0) the loss collapsed
 to ln(K) within 40 steps; without colour jitter it learned a brightness shortcut.
 What made the features beat random init (20-NN on the test digits, one run each,

@@ -1,7 +1,7 @@
 """Device side of multi-crop augmentation: colour distortion, blur, normalisation.
 
 Pure, jittable JAX functions of an rng and a crop batch; they run per device inside
-the jitted train step. SPEC §7, in the release's order:
+the jitted train step. docs/ALGORITHM.md §2, in the release's order:
 
   RandomApply(ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s), p=0.8)  random op order per crop
   RandomGrayscale(p=0.2)

@@ -1,6 +1,6 @@
 """Deterministic evaluation batches: resize + centre crop, labels, this process's shard.
 
-The evaluation transform of SPEC §8: resize the shorter side to size * 256 / 224
+The evaluation transform of docs/ALGORITHM.md §11: resize the shorter side to size * 256 / 224
 (256 for 224 px), centre crop `size` (bilinear, antialiased as torchvision's PIL path).
 Each process reads a contiguous block of the records, so gathering processes in order
 gives the records in their original order.

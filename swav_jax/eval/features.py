@@ -1,4 +1,4 @@
-"""Frozen-feature extraction, sharded over the mesh's data axis (SPEC §8).
+"""Frozen-feature extraction, sharded over the mesh's data axis (docs/ALGORITHM.md §11).
 
 `extract_features` runs a pure, jittable `feature_fn(images [b, H, W, 3]) -> [b, F]`
 (for a SwAV model: `jax.tree_util.Partial(apply, variables)` of the frozen network with

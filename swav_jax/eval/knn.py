@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of frozen features (SPEC §8, DINO protocol).
+"""Weighted k-nearest-neighbour classification of frozen features (docs/ALGORITHM.md §11, DINO protocol).
 
 For every test feature, its k nearest training features by cosine similarity s_i (both
 L2-normalised) vote for their labels with weight exp(s_i / T); the classes with the most

@@ -1,4 +1,4 @@
-"""Flax models for SwAV: ResNet backbones, projection head, prototypes (SPEC §1, §6)."""
+"""Flax models for SwAV: ResNet backbones, projection head, prototypes (docs/ALGORITHM.md §3)."""
 
 from swav_jax.models.resnet import ARCHS, ResNet, build_backbone, resnet
 from swav_jax.models.swav import (

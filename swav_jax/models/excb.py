@@ -1,4 +1,4 @@
-"""ExCB student/teacher network: ResNet backbone, projection MLP, predictor, centroids (SPEC §10).
+"""ExCB student/teacher network: ResNet backbone, projection MLP, predictor, centroids (docs/ALGORITHM.md §8).
 
     crops (per resolution group) -> backbone per group -> pooled features, concatenated
     crop-major -> projection MLP h: [Linear(F, hidden) -> BN -> ReLU] x hidden_layers
@@ -35,7 +35,7 @@ centroids of the teacher's projections (`swav_jax.methods.excb`,
 
 Layout as the release's (ManiadisG/ExCB, `MLPBottleneckClassifier` with
 `predictor_activation: bn`): the projection MLP has 2 hidden layers of 2048 with BN and
-ReLU, out 256, no BN on the output; the predictor (SPEC §10's "1 layer": one hidden
+ReLU, out 256, no BN on the output; the predictor (docs/ALGORITHM.md §8's "1 layer": one hidden
 layer) is BN(256) -> Linear(256, 2048) -> BN -> ReLU -> Linear(2048, 256); every Linear
 kernel truncated-normal std 0.02, biases 0. The predictor's input BN removes the batch
 mean of p, so the predictor path (half the loss, and all of the local crops' share)

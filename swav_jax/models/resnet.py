@@ -1,4 +1,4 @@
-"""ResNet backbones (torchvision "v1.5" layout) as Flax linen modules (SPEC §1, §6).
+"""ResNet backbones (torchvision "v1.5" layout) as Flax linen modules (docs/ALGORITHM.md §3).
 
 Follows the SwAV release's `src/resnet50.py` (which is torchvision's ResNet with a
 width multiplier):

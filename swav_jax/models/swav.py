@@ -1,4 +1,4 @@
-"""SwAV model: ResNet backbone, projection head, prototypes, multi-crop forward (SPEC §1, §6).
+"""SwAV model: ResNet backbone, projection head, prototypes, multi-crop forward (docs/ALGORITHM.md §3).
 
     crops (per resolution group) -> backbone per group -> pooled features, concatenated
     crop-major -> Linear(F, hidden) -> BN -> ReLU -> Linear(hidden, proj_dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Callable
 
@@ -47,7 +48,12 @@ def describe(error: BaseException) -> str:
         error = error.__cause__
     text = str(error).strip().splitlines()
     line = text[0] if text else type(error).__name__
-    return line if len(line) <= 300 else line[:140] + " ... " + line[-150:]
+    short = line if len(line) <= 300 else line[:140] + " ... " + line[-150:]
+    # TensorStore gives the operating system's reason as a number (os_error_code='27')
+    # after its text, which the cut may have dropped: name it at the end.
+    code = re.search(r"os_error_code='?(\d+)", line)
+    reason = os.strerror(int(code[1])) if code else ""
+    return short if reason in short else f"{short} ({reason})"
 
 
 def checkpoint_problem(step_dir: str) -> str | None:
