@@ -19,17 +19,12 @@ data: `--config.data.source=folder --config.data.data_dir=/data/imagenet
         --checkpoint swav_rn50 --subset-file 10percent.txt --config.data.data_dir=...
 """
 
-from swav_jax.configs import base
+from swav_jax.configs import swav_semisup_1pct
 
 
 def get_config():
-    c = base.get_config()
-    c.model.dtype = "float32"  # the release fine-tunes in float32
+    c = swav_semisup_1pct.get_config()  # the same protocol; the labels and LRs differ
     c.eval.finetune.labels_fraction = 0.1
-    c.eval.finetune.epochs = 20
-    c.eval.finetune.batch_size = 256
     c.eval.finetune.lr = 0.01
     c.eval.finetune.lr_head = 0.2
-    c.eval.finetune.decay_epochs = (12, 16)
-    c.eval.finetune.gamma = 0.2
     return c
