@@ -14,7 +14,6 @@ import pytest
 import tiny_config
 from train_helpers import (
     assert_within_reordering_noise,
-    build,
     permuted,
     random_batches,
     run_steps,
@@ -70,15 +69,13 @@ def test_prototypes_frozen_then_trained():
     config = tiny_config.get_config()
     config.swav.freeze_prototypes_niters = 2
     mesh = make_mesh(config)
-    init, _ = build(config, mesh)
-    init = jax.device_get(init)
-    state, _ = _run_steps(config, mesh, random_batches(config, 2))
+    [(states, _)] = run_steps(config, mesh, [random_batches(config, 3)])
+    init, state, later = states[0], states[2], states[3]  # before, after 2 steps (frozen), after 3
     # Frozen: only the per-step re-normalisation touches them (float rounding).
     np.testing.assert_allclose(
         state.params["prototypes_0"]["kernel"], init.params["prototypes_0"]["kernel"], atol=1e-6
     )
     assert not np.allclose(state.params["projection_out"]["kernel"], init.params["projection_out"]["kernel"])
-    later, _ = _run_steps(config, mesh, random_batches(config, 3))
     moved = np.abs(later.params["prototypes_0"]["kernel"] - init.params["prototypes_0"]["kernel"]).max()
     assert moved > 1e-5  # LARS steps are small (trust 0.001); frozen drift is ~1e-7
 
@@ -89,15 +86,13 @@ def test_queue_starts_fills_and_is_used_once_full():
     config.swav.epoch_queue_starts = 1
     mesh = make_mesh(config)
     steps_per_epoch = 2
-    state, history = _run_steps(config, mesh, random_batches(config, 5), steps_per_epoch)
+    [(states, history)] = run_steps(config, mesh, [random_batches(config, 5)], steps_per_epoch)
     # Steps 0-1: before the queue epoch, nothing stored. Steps 2-3 fill it; step 4 uses it.
     assert [m["train/queue_in_use"] for m in history] == [0, 0, 0, 0, 1]
-    queue = np.asarray(state.queue)
+    np.testing.assert_array_equal(states[2].queue, 0.0)
+    queue = np.asarray(states[-1].queue)
     assert queue.shape == (2, 2 * config.batch_size, config.model.proj_dim)
     np.testing.assert_allclose(np.linalg.norm(queue, axis=-1), 1.0, rtol=1e-5)
-
-    before, _ = _run_steps(config, mesh, random_batches(config, 2), steps_per_epoch)
-    np.testing.assert_array_equal(before.queue, 0.0)
 
 
 def test_queue_holds_newest_embeddings_in_front():
@@ -106,8 +101,8 @@ def test_queue_holds_newest_embeddings_in_front():
     config.swav.queue_length = 2 * config.batch_size
     config.swav.epoch_queue_starts = 0
     mesh = make_mesh(config)
-    one, _ = _run_steps(config, mesh, random_batches(config, 1))
-    two, _ = _run_steps(config, mesh, random_batches(config, 2))
+    [(states, _)] = run_steps(config, mesh, [random_batches(config, 2)])
+    one, two = states[1], states[2]  # after the first and the second step
     local_b, local_q = config.batch_size // 8, 2 * config.batch_size // 8
     for d in range(8):
         block1 = np.asarray(one.queue)[:, d * local_q:(d + 1) * local_q]
