@@ -144,6 +144,11 @@ def _log_k_line(ax, info: RunInfo, what: str) -> None:
     if info.num_clusters > 1:
         value = math.log(info.num_clusters)
         ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"ln K = {value:.2f} ({what})")
+        # Keep the line clear of the top edge when the curves stay below it.
+        low, high = ax.get_ylim()
+        top = value + 0.05 * (value - low)
+        if top > high:
+            ax.set_ylim(low, top)
 
 
 def draw_loss(ax, series: Series, info: RunInfo) -> None:
@@ -166,9 +171,9 @@ def draw_lr(ax, series: Series, info: RunInfo) -> None:
 
 def draw_entropy(ax, series: Series, info: RunInfo) -> None:
     _curve(ax, series, "train/assignment_entropy", "entropy of the batch's assignments", "C0")
+    ax.set_ylim(bottom=0)  # before the ln K line, which leaves room above itself
     _log_k_line(ax, info, "every prototype used equally")
     ax.set_ylabel("entropy (nats)")
-    ax.set_ylim(bottom=0)
     ax.set_title("Prototype usage" + (f", K = {info.num_clusters:,}" if info.num_clusters else ""))
     _step_axis(ax, series)
     _legend(ax)
