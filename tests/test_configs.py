@@ -19,6 +19,8 @@ def test_the_recipes_are_found():
 def test_each_recipe_loads_by_name_and_validates(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # names do not depend on the working directory
     config = cli.load_config([f"--config={name}"])
+    if config.data.source == "folder":  # such a recipe is run with --config.data.data_dir=DIR
+        config.data.data_dir = str(tmp_path)
     # A plausible machine: one device for the CPU recipes, one BN group for the others.
     devices = max(1, int(config.model.sync_bn_group_size))
     validate_config(config, num_devices=devices, num_processes=1)
