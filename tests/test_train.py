@@ -159,12 +159,12 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_loss_decreases_on_a_short_run(tmp_path):
     config = tiny_config.get_config()
-    config.epochs = 6
+    config.epochs = 3  # 132 steps: the loss falls from about 3.8 to 2.3
     config.batch_size = 32
     config.checkpoint_every_steps = 1000
     train(config, str(tmp_path))
     losses = [m["train/loss"] for m in _metrics(tmp_path)]
-    assert len(losses) == 6 * (1437 // 32)
+    assert len(losses) == 3 * (1437 // 32)
     assert np.mean(losses[-5:]) < losses[0] - 0.1, losses
 
 
