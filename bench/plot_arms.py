@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         runs = [read_metrics(os.path.join(d, "metrics.jsonl")) for d in dirs.split(",")]
         arms.append((label, runs))
 
-    fig = Figure(figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.8))
     ax, lax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
     raw = []
     print("| arm | learned 20-NN per seed | mean | random init per seed | final loss per seed |")
@@ -52,8 +52,9 @@ def main(argv=None) -> int:
         raw += [_last(r, "eval/knn_top1_raw_pixels") for r in runs]
         x = i + np.linspace(-0.12, 0.12, len(runs))
         ax.bar(i, learned.mean(), width=0.5, color=f"C{i}", alpha=0.35)
-        ax.plot(x, learned, "o", color=f"C{i}", label=f"{label}: learned")
-        ax.plot(x, random_init, "x", color=f"C{i}", label=f"{label}: random init")
+        # One legend entry per marker kind: the arms are named on the x axis.
+        ax.plot(x, learned, "o", color=f"C{i}", label="learned" if i == 0 else None)
+        ax.plot(x, random_init, "x", color=f"C{i}", label="random init" if i == 0 else None)
         for r in runs:
             steps, loss = r["train/loss"]
             lax.plot(steps, loss, color=f"C{i}", alpha=0.8, linewidth=1,
@@ -66,16 +67,17 @@ def main(argv=None) -> int:
     if np.isfinite(raw).any():
         ax.axhline(np.nanmean(raw), color="grey", linestyle="--", linewidth=1,
                    label=f"mean-centred raw pixels ({np.nanmean(raw):.1f})")
-    ax.set_xticks(range(len(arms)), [label for label, _ in arms])
+    ax.set_xticks(range(len(arms)), [label for label, _ in arms], fontsize="small")
     ax.set_ylabel("weighted 20-NN top-1 on held-out images (%)")
     ax.set_title("kNN after training")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     lax.set_xlabel("step")
     lax.set_ylabel("training loss")
     lax.set_title("Training loss")
     lax.grid(alpha=0.3)
-    lax.legend(fontsize="small")
+    lax.legend(fontsize="small", loc="center right")
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()

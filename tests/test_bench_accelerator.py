@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bench import accel_report, profile_summary
+from child_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_FILES = {"accelerator.log", "summary.json", "table.md", "raw.tar.gz", "profile.tar.gz", "profile_ops.json"}
@@ -177,8 +178,7 @@ def test_profile_pack_leaves_out_the_largest_parts_to_fit(tmp_path, monkeypatch)
 
 
 def _smoke(out, *extra):
-    env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # conftest's 8 host devices: the smoke run uses what the GPU run uses, 1
+    env = child_env(PYTHON=sys.executable)  # one device, as the GPU run
     return subprocess.run(["nice", "-n", "10", "bash", "bench/accelerator.sh", str(out), "--smoke", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
 

@@ -25,6 +25,13 @@ def test_each_recipe_loads_by_name_and_validates(name, tmp_path, monkeypatch):
     assert configs.describe(name)["about"], f"{name}: the first docstring line says what it reproduces"
 
 
+def test_the_natural_image_pilots_config_validates_with_a_folder(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = cli.load_config([f"--config={root}/bench/cifar_cpu_draft.py", f"--config.data.data_dir={tmp_path}"])
+    validate_config(config, num_devices=1, num_processes=1)
+    assert config.data.source == "folder" and config.eval.knn_raw_pixels and config.eval.knn_random_init
+
+
 def test_name_path_and_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     by_name = cli.load_config(["--config=demo", "--config.batch_size=64"])

@@ -112,6 +112,7 @@ def test_raw_pixel_knn_matches_float64_reference(folder):
     assert result["eval/knn_top1_raw_pixels"] - uncentred > 20, uncentred
 
 
+@pytest.mark.slow
 def test_trainer_writes_the_raw_pixel_baseline_at_the_end(folder, tmp_path):
     root, data = folder
     config = _config(root)

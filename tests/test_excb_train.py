@@ -96,6 +96,7 @@ def cosine_ref(start, end, step, total):
 # ---- the step --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
     # Without colour augmentation permuted batches measure the float32 noise (see
     # train_helpers); the augmentation's sharding invariance is tested on its own.
@@ -340,6 +341,7 @@ def _saved_state(workdir, step):
     return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
+@pytest.mark.slow
 def test_train_runs_logs_excb_metrics_and_resumes_bit_exact(tmp_path):
     config = _config()
     config.optim.warmup_epochs = 1

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 import tiny_config
+from child_env import child_env
 from swav_jax import cli
 from swav_jax.errors import CheckpointError, DataError, NonFiniteLossError
 from swav_jax.eval.run import load_variables
@@ -31,8 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONDONTWRITEBYTECODE": "1"}
+    return child_env(PYTHONDONTWRITEBYTECODE="1")
 
 
 def _train_command(workdir, *overrides, toy=False):

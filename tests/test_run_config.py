@@ -76,6 +76,7 @@ def test_compact_form_has_every_key_once():
     assert "size_crops=16,8" in text and len(text.splitlines()) == 1 + sum(isinstance(v, dict) for v in tree.values())
 
 
+@pytest.mark.slow
 def test_train_writes_config_json_and_refuses_a_changed_resume(tmp_path):
     config = tiny_config.get_config()
     train(config, str(tmp_path), max_steps=1)

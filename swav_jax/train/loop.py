@@ -196,8 +196,6 @@ def _loop(config, method, program, data, checkpointer, writer, state, batch, mes
             message = collapse_watch.update(host)  # samples the logged steps
             if message:
                 log.warning(message)
-                if is_writer:
-                    print("WARNING: " + message, flush=True)
             steps_per_sec, images_per_sec = progress.rate(step)
             host["train/images_per_sec"] = images_per_sec
             host["train/epoch"] = step / steps_per_epoch
