@@ -110,6 +110,23 @@ def test_color_jitter_random_order_matches_reference():
     np.testing.assert_allclose(np.asarray(got), want, atol=3e-5)
 
 
+def test_color_jitter_jitted_matches_reference():
+    """Jitted, as in the train step (the tests above run it op by op): XLA fuses the chain,
+    and fused code may compute a value twice and round the copies differently (XLA:CPU
+    contracts some products into FMAs). A hue whose branch compared two such copies
+    (`maxc == r`) failed here for some crops while the chain was fused on CPU."""
+    n = 48  # every permutation of 4 ops twice
+    x = _images(n, 12, seed=8).astype(np.float64) / 255
+    perms = np.array(list(itertools.permutations(range(4))) * 2)
+    rng = np.random.default_rng(9)
+    factors = np.concatenate([rng.uniform(0.2, 1.8, (n, 3)), rng.uniform(-0.2, 0.2, (n, 1))], axis=1)
+    got = jax.jit(augment.color_jitter)(
+        jnp.asarray(x, jnp.float32), jnp.asarray(factors, jnp.float32), jnp.asarray(perms, jnp.int32)
+    )
+    want = np.stack([ref_jitter(x[i], factors[i], perms[i]) for i in range(n)])
+    np.testing.assert_allclose(np.asarray(got), want, atol=3e-5)
+
+
 @pytest.mark.parametrize("size,kernel", [(30, 23), (12, 23), (9, 5)])
 def test_gaussian_blur_matches_reference(size, kernel):
     x = _images(2, size, seed=3).astype(np.float64) / 255

@@ -12,12 +12,10 @@ The colour operations follow torchvision's float-tensor definitions
 (`torchvision.transforms.functional` on [0, 1] images, each op clamped to [0, 1];
 grey = 0.2989 R + 0.587 G + 0.114 B). Every crop draws its own parameters.
 
-Speed: everything is vectorised over the crops. The random order of the four jitter
-ops costs one hue conversion per crop, not four: brightness, contrast and saturation
-are all blends `clip(f * x + (1 - f) * ref)` (ref = 0, the mean grey level, or the
-grey image), so the three op slots before the hue slot and the three after it are
-evaluated as blends whose factor is 1 (the identity, exactly) when the slot is not
-active for that crop.
+Speed: everything is vectorised over the crops, and the colour work runs on the three
+channel planes in few passes over memory (`_colour_planes`: every crop runs one fixed
+chain in which each of its ops takes the level that keeps its order, the other levels
+being exact identities). Measured on TPU: docs/TPU.md.
 """
 
 from __future__ import annotations
@@ -71,41 +69,37 @@ def sample_params(rng: jax.Array, num: int, augment_config) -> AugmentParams:
     )
 
 
-def grey_level(x: jax.Array) -> jax.Array:
-    """[..., 3] -> [..., 1] luma (torchvision rgb_to_grayscale)."""
-    w = jnp.asarray(GREY_WEIGHTS, x.dtype)
-    return (x * w).sum(-1, keepdims=True)
+def _grey(rgb):
+    """Luma (torchvision rgb_to_grayscale) of channel planes rgb: 3 x [...] -> [...]."""
+    r, g, b = rgb
+    return GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b
 
 
-def _blend_slot(x: jax.Array, op: jax.Array, factors: jax.Array, active: jax.Array) -> jax.Array:
-    """One jitter slot holding brightness, contrast or saturation (hue slots: inactive).
-
-    x: [N, H, W, 3] in [0, 1]; op: int [N]; factors: [N, 4]; active: bool [N].
-    """
-    grey = grey_level(x)
-    mean = grey.mean(axis=(1, 2, 3), keepdims=True)
-    op = op[:, None, None, None]
-    ref = jnp.where(op == CONTRAST, mean, jnp.where(op == SATURATION, grey, 0.0))
-    f = jnp.take_along_axis(factors, jnp.minimum(op[:, 0, 0], SATURATION), axis=1)[:, :, None, None]
-    f = jnp.where(active[:, None, None, None], f, 1.0)
-    return jnp.clip(f * x + (1.0 - f) * ref, 0.0, 1.0)
+def _saturate(rgb, f):
+    """torchvision adjust_saturation by `f` [N, 1, 1] on channel planes rgb."""
+    offset = (1.0 - f) * _grey(rgb)
+    return tuple(jnp.clip(f * ch + offset, 0.0, 1.0) for ch in rgb)
 
 
-def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
-    """Rotate hue by `shift` [N] (fraction of a turn), torchvision's HSV round trip."""
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    maxc = jnp.max(x, axis=-1)
-    minc = jnp.min(x, axis=-1)
+def _rotate_hue(rgb, shift):
+    """Rotate hue by `shift` [N, 1, 1] (fraction of a turn), torchvision's HSV round trip,
+    on channel planes rgb (3 x [N, H, W] in [0, 1])."""
+    r, g, b = rgb
+    # The max channel is found by comparing the channels, not by `maxc == r`: XLA may
+    # compute a value twice in one fusion, rounding the copies differently (XLA:CPU
+    # contracts some of them into FMAs), and `maxc == r` then fails for every channel.
+    r_max = (r >= g) & (r >= b)
+    g_max = ~r_max & (g >= b)
+    maxc = jnp.where(r_max, r, jnp.where(g_max, g, b))
+    minc = jnp.minimum(jnp.minimum(r, g), b)
     eqc = maxc == minc
     cr = maxc - minc
     s = cr / jnp.where(eqc, 1.0, maxc)
     cr_div = jnp.where(eqc, 1.0, cr)
     rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    h = jnp.where(
-        maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc)
-    )
+    h = jnp.where(r_max, bc - gc, jnp.where(g_max, 2.0 + rc - bc, 4.0 + gc - rc))
     h = jnp.mod(h / 6.0 + 1.0, 1.0)
-    h = jnp.mod(h + shift[:, None, None], 1.0)
+    h = jnp.mod(h + shift, 1.0)
     v = maxc
     i = jnp.floor(h * 6.0)
     f = h * 6.0 - i
@@ -113,12 +107,104 @@ def adjust_hue(x: jax.Array, shift: jax.Array) -> jax.Array:
     p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
     q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
     t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    rgb = (
-        jnp.select([i == k for k in range(6)], [v, q, p, p, t, v]),
-        jnp.select([i == k for k in range(6)], [t, v, v, q, p, p]),
-        jnp.select([i == k for k in range(6)], [p, p, t, v, v, q]),
+    # select_n on the sector index (jnp.select would stack six conditions in HBM)
+    return (
+        jax.lax.select_n(i, v, q, p, p, t, v),
+        jax.lax.select_n(i, t, v, v, q, p, p),
+        jax.lax.select_n(i, p, p, t, v, v, q),
     )
-    return jnp.stack(rgb, axis=-1)
+
+
+def _where(on, new, old):
+    """Per crop (`on`: bool [N, 1, 1]) the planes `new` or `old` (3 x [N, H, W] each)."""
+    return tuple(jnp.where(on, a, b) for a, b in zip(new, old))
+
+
+def _mixing_level(level, rgb, on):
+    """level(rgb), for a level that mixes the channels and leaves every crop whose `on`
+    [N, 1, 1] is False unchanged.
+
+    On CPU a conditional skips the level when no crop uses it, which also ends a fused
+    pass there: XLA:CPU erases optimization barriers and fuses across anything but a
+    conditional, and without one it recomputes the whole chain before the level in each
+    consumer of the level's values (the augmentation 8 times slower: docs/TPU.md). On
+    TPU no conditional: XLA fuses the level with the per-channel levels around it.
+    """
+    def skip_unused(rgb):
+        return jax.lax.cond(jnp.any(on), level, lambda rgb: rgb, rgb)
+
+    return jax.lax.platform_dependent(rgb, cpu=skip_unused, default=level)
+
+
+def _colour_planes(rgb, factors: jax.Array, order: jax.Array, jitter: jax.Array, grey: jax.Array):
+    """ColorJitter, then grayscale, on channel planes rgb (3 x float [N, H, W] in [0, 1]).
+
+    factors, order: as in `color_jitter`; jitter, grey: bool [N], whether each crop is
+    jittered, converted to grey. Returns 3 x [N, H, W].
+
+    Why it is laid out this way: XLA fuses any chain of per-channel maps
+    x -> clip(a x + c) (brightness: c = 0; contrast: c = (1 - f) mean grey level) into
+    one pass over the planes, but every map that mixes the channels (saturation's grey
+    level, the hue's HSV round trip, grayscale) splits the fused pass. So every crop runs
+    one fixed chain with only four mixing levels:
+
+      gap 0 | saturation, if before hue | gap 1 | hue | gap 2 | saturation, if after hue | gap 3 | grey
+
+    each gap holding two per-channel levels. Brightness and contrast go into the gap
+    their position in `order` falls in, the earlier of the two on the gap's first level;
+    every other level is the identity, exactly (a = 1, c = 0; saturation factor 1; the
+    hue and grey skipped). The contrast's mean grey level is that of the image entering
+    it: a first run of the chain through the ops before the contrast, reduced to its
+    mean, which XLA fuses into one read of the crops. Bytes moved on TPU: docs/TPU.md.
+    """
+    pos = jnp.argsort(order, axis=1)  # [N, 4]: each op's position
+    at_b, at_c, at_s, at_h = (pos[:, op] for op in (BRIGHTNESS, CONTRAST, SATURATION, HUE))
+    f_b, f_c, f_s = (factors[:, op] for op in (BRIGHTNESS, CONTRAST, SATURATION))
+    shift = factors[:, HUE, None, None]
+    sat_first = at_s < at_h
+
+    def gap(at):
+        """The gap (0..3) that brightness or contrast at position `at` [N] falls in."""
+        after_s, after_h = (at > at_s).astype(jnp.int32), (at > at_h).astype(jnp.int32)
+        return jnp.where(sat_first, after_s + after_h, 2 * after_h + after_s)
+
+    level_b = 2 * gap(at_b) + (at_b > at_c)
+    level_c = 2 * gap(at_c) + (at_c > at_b)
+    levels = jnp.arange(8)[:, None]
+
+    def coefficients(until, grey):
+        """Per-crop coefficients of the levels, with the jitter ops at positions < until
+        [N]: per-channel levels x -> clip(a x + w mean) (a, w: [8, N]), the saturation
+        factors before / after the hue ([2, N]), hue and grey switches ([N])."""
+        is_b = jitter & (level_b == levels) & (at_b < until)
+        is_c = jitter & (level_c == levels) & (at_c < until)
+        a = jnp.where(is_b, f_b, jnp.where(is_c, f_c, 1.0))
+        w = jnp.where(is_c, 1.0 - f_c, 0.0)
+        sat_on = jitter & (at_s < until) & (sat_first == jnp.array([[True], [False]]))
+        return a, w, jnp.where(sat_on, f_s, 1.0), jitter & (at_h < until), grey
+
+    def chain(rgb, coefficients, mean):
+        """The chain with `coefficients`; contrast against `mean` [N]."""
+        a, w, sat, hue, grey, mean = jax.tree.map(lambda v: v[..., None, None], (*coefficients, mean))
+        for k in range(4):  # gap k, then the mixing level after it
+            for level in (2 * k, 2 * k + 1):
+                rgb = tuple(jnp.clip(a[level] * ch + w[level] * mean, 0.0, 1.0) for ch in rgb)
+            if k == 1:
+                rgb = _mixing_level(lambda rgb: _where(hue, _rotate_hue(rgb, shift), rgb), rgb, hue)
+            elif k == 3:
+                rgb = _mixing_level(lambda rgb: _where(grey, (_grey(rgb),) * 3, rgb), rgb, grey)
+            else:  # saturation; its factor is 1 (the identity, exactly) where it does not apply
+                f = sat[k // 2]
+                rgb = _mixing_level(lambda rgb: _saturate(rgb, f), rgb, f != 1.0)
+        return rgb
+
+    mean = _grey(chain(rgb, coefficients(at_c, jnp.zeros_like(grey)), jnp.zeros_like(f_c))).mean(axis=(1, 2))
+    return chain(rgb, coefficients(jnp.full_like(at_c, 4), grey), mean)
+
+
+def _planes(x):
+    """[..., 3] -> its three channel planes."""
+    return tuple(x[..., k] for k in range(3))
 
 
 def color_jitter(x: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
@@ -127,13 +213,8 @@ def color_jitter(x: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Arra
     x: float [N, H, W, 3] in [0, 1]; factors: [N, 4] (brightness, contrast,
     saturation, hue); order: int [N, 4], the ops applied first to last.
     """
-    hue_slot = jnp.argmax(order == HUE, axis=1)
-    for slot in range(3):  # slots that may come before the hue
-        x = _blend_slot(x, order[:, slot], factors, slot < hue_slot)
-    x = adjust_hue(x, factors[:, HUE])
-    for slot in range(1, 4):  # slots that may come after it
-        x = _blend_slot(x, order[:, slot], factors, slot > hue_slot)
-    return x
+    n = x.shape[0]
+    return jnp.stack(_colour_planes(_planes(x), factors, order, jnp.ones(n, bool), jnp.zeros(n, bool)), axis=-1)
 
 
 def gaussian_blur(x: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
@@ -159,10 +240,13 @@ def gaussian_blur(x: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array
 def apply_params(crops: jax.Array, params: AugmentParams, augment_config, dtype=jnp.float32) -> jax.Array:
     """Deterministic part of `augment_crops`: uint8 [N, H, W, 3] -> normalised dtype."""
     cfg = augment_config
-    x = crops.astype(jnp.float32) / 255.0
+    rgb = _planes(crops.astype(jnp.float32) / 255.0)
+    x = jnp.stack(_colour_planes(rgb, params.factors, params.order, params.jitter, params.grey), axis=-1)
+    # x is materialised here, so that the blur's reflect padding fuses into the sum over its
+    # taps. Otherwise XLA fuses the padding into the colour work, and each tap then reads
+    # the padded array: on TPU that was 23 times the traffic of x (docs/TPU.md).
+    x = jax.lax.optimization_barrier(x)
     sel = lambda m, a, b: jnp.where(m[:, None, None, None], a, b)  # noqa: E731
-    x = sel(params.jitter, color_jitter(x, params.factors, params.order), x)
-    x = sel(params.grey, jnp.broadcast_to(grey_level(x), x.shape), x)
     x = sel(params.blur, gaussian_blur(x, params.sigma, cfg.blur_kernel_size), x)
     mean = jnp.asarray(cfg.mean, jnp.float32)
     std = jnp.asarray(cfg.std, jnp.float32)
@@ -240,9 +324,10 @@ def augment_views(
         n, b = group.shape[:2]
         keys = _crop_keys(step_key, view + jnp.arange(n), first + jnp.arange(b)).reshape(n * b)
         flat = group.reshape((n * b,) + group.shape[2:])
-        out = jax.vmap(
-            lambda key, image: augment_crops(key, image[None], augment_config, dtype=dtype)[0]
-        )(keys, flat)
+        # one key per crop; applied to all crops at once (not under vmap, which would turn
+        # `_mixing_level`'s conditionals into selects of both branches)
+        params = jax.tree.map(lambda a: a[:, 0], jax.vmap(lambda key: sample_params(key, 1, augment_config))(keys))
+        out = apply_params(flat, params, augment_config, dtype)
         images.append(out.reshape((n, b) + out.shape[1:]))
         view += n
     return images
