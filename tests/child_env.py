@@ -14,11 +14,14 @@ import os
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def xla_flags(devices: int | None = None) -> str:
+    """The suite's XLA flags: its compile flags and `devices` host CPU devices (None:
+    jax's default of one, or what a launcher such as launch/local_multiprocess.sh adds)."""
+    if devices is None:
+        return FAST_COMPILE_FLAGS
+    return f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
 def child_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-    """`os.environ` for a process a test starts: the CPU platform, the suite's compile
-    flags, and `devices` host CPU devices (None: jax's default of one, or what a launcher
-    such as launch/local_multiprocess.sh adds)."""
-    flags = FAST_COMPILE_FLAGS
-    if devices is not None:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+    """`os.environ` for a process a test starts: the CPU platform and `xla_flags(devices)`."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **extra}

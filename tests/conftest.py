@@ -3,12 +3,10 @@ and XLA's fast-compiling CPU code generation (tests/child_env.py)."""
 
 import os
 
-from child_env import FAST_COMPILE_FLAGS
+from child_env import xla_flags
 
 # Must happen before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (
-    f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(devices=8)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu takes a machine-wide lock when loaded; the TPU tests only compile for
 # compile-only topologies, so pytest-xdist workers (and a `swav-jax plan` running beside
