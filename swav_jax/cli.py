@@ -58,7 +58,11 @@ def load_config(config_args: list[str]):
         path = configs.resolve(given[-1])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    overrides = [a for a in config_args if not a.startswith("--config=")]
+    # A key given twice takes its last value, as any other flag. absl parses each tuple
+    # override onto the previous one, so a repeated tuple key would otherwise concatenate
+    # (num_prototypes (64,) then (128,) would silently become two prototype heads).
+    last = {a.split("=", 1)[0]: a for a in config_args if not a.startswith("--config=")}
+    overrides = list(last.values())
     _check_keys(_parse_config(path, []), [a.split("=", 1)[0][len("--config."):] for a in overrides])
     return _parse_config(path, overrides)
 
