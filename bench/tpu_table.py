@@ -5,7 +5,9 @@ semi-supervised fine-tuning ones) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:
 v5e-64 = v5e:8x8, v6e-64 = v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a time: a ResNet-50 train step
 takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
 (the same step; the hours scale with the epochs). Each plan's JSON (and what the command
-printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped.
+printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped; with
+--write-docs, a row already planned in the document (on another machine) whose plan is
+not in --out stays as it is.
 
 Usage (from the repository root, with the tpu extra installed):
   nice -n 15 python bench/tpu_table.py --out /tmp/tpu_plans [--write-docs docs/TPU.md]
@@ -99,6 +101,20 @@ def row(recipe: str, epochs: int, accel: str, r: dict | None) -> str:
             f"{r['images_per_sec_est']:,.0f} | {hours:,.1f} ({hours * r['chips']:,.0f}) |")
 
 
+def documented_rows(text: str) -> dict[tuple[str, str], str]:
+    """The planned rows already in a document's table, by (recipe, slice): a row whose plan
+    is not in --out (planned on another machine) stays as it was instead of going back
+    to "not planned yet"."""
+    if BEGIN not in text:
+        return {}
+    rows = {}
+    for line in text.split(BEGIN, 1)[1].split(END, 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0] not in ("recipe", "---") and cells[3] != "not planned yet":
+            rows[cells[0], cells[1]] = line
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the plans' JSON (reused when present)")
@@ -127,18 +143,22 @@ def main() -> None:
         "est. images/s | est. hours (chip-hours) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    text = ""
+    if args.write_docs:
+        with open(args.write_docs) as f:
+            text = f.read()
+    kept = documented_rows(text)
     for first, members in groups.items():
         for name in members:
             epochs = int(load_config([f"--config={name}"]).epochs)
             for accel in SLICES:
-                lines.append(row(name, epochs, accel, results.get((first, accel))))
+                r = results.get((first, accel))
+                lines.append(row(name, epochs, accel, r) if r is not None else kept.get((name, accel), row(name, epochs, accel, None)))
     table = "\n".join(lines)
     print(table)
     print(f"\n{len(results)} plans, {time.perf_counter() - start:.0f} s in this run "
           f"(plans reused from {args.out} take none)", file=sys.stderr)
     if args.write_docs:
-        with open(args.write_docs) as f:
-            text = f.read()
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
         with open(args.write_docs, "w") as f:
