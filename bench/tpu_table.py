@@ -152,8 +152,9 @@ def main() -> None:
         for name in members:
             epochs = int(load_config([f"--config={name}"]).epochs)
             for accel in SLICES:
-                r = results.get((first, accel))
-                lines.append(row(name, epochs, accel, r) if r is not None else kept.get((name, accel), row(name, epochs, accel, None)))
+                plan = results.get((first, accel))
+                line = row(name, epochs, accel, plan)
+                lines.append(line if plan is not None else kept.get((name, accel), line))
     table = "\n".join(lines)
     print(table)
     print(f"\n{len(results)} plans, {time.perf_counter() - start:.0f} s in this run "
