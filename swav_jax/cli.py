@@ -218,7 +218,7 @@ def _eval(args, config_args):
     variables, step = run.load_variables(source)
     evaluated = f"{os.path.abspath(source)} (step {step})"
     if args.evaluation == "knn":
-        results = run.knn_eval(config, variables)
+        results = {**run.knn_eval(config, variables), **run.knn_reference_levels(config)}
     elif args.protocol == "features":
         results = run.linear_features_eval(config, variables)
     else:

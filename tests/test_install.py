@@ -59,6 +59,8 @@ def test_non_editable_install_runs_the_demo_by_name_from_an_empty_directory(tmp_
 
     out = run(swav_jax, "eval", "knn", "--config", "demo", "--workdir", "W")
     assert "eval/knn_top1 = " in out and "_CHECKPOINT_METADATA" not in out
+    # The demo asks for the reference levels: the evaluation prints them beside the kNN.
+    assert "eval/knn_top1_random_init = " in out and "eval/knn_top1_raw_pixels = " in out
 
     out = run(swav_jax, "plot", "--workdir", "W")
     for name in ("loss.png", "eval.png", "summary.png"):

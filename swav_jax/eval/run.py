@@ -154,6 +154,18 @@ def knn_eval(config: ml_collections.ConfigDict, variables: dict[str, Any], *, su
     return _knn_results(config, train_x, train_y, test_x, test_y, mesh, suffix)
 
 
+def knn_reference_levels(config: ml_collections.ConfigDict) -> dict:
+    """The reference levels `config.eval` asks for, beside a learned kNN: the same network
+    at random initialisation (keys ending '_random_init', with eval.knn_random_init) and
+    mean-centred raw pixels ('_raw_pixels', with eval.knn_raw_pixels); {} for neither."""
+    results = {}
+    if config.eval.knn_random_init:
+        results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
+    if config.eval.knn_raw_pixels:
+        results.update(knn_eval_raw_pixels(config))
+    return results
+
+
 def knn_eval_raw_pixels(config: ml_collections.ConfigDict) -> dict:
     """The same kNN as `knn_eval` on mean-centred pixels instead of network features: the
     evaluation images (same transform and size) flattened to S * S * 3 values in [0, 1],

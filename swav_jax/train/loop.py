@@ -13,7 +13,7 @@ import ml_collections
 
 from swav_jax.data import pipeline
 from swav_jax.errors import NonFiniteLossError
-from swav_jax.eval.run import knn_eval, knn_eval_raw_pixels, random_init_variables
+from swav_jax.eval.run import knn_eval, knn_reference_levels
 from swav_jax.mesh import data_axes, make_mesh
 from swav_jax.methods import get_method
 from swav_jax.train import run_config
@@ -35,12 +35,9 @@ def _log_eval(writer: MetricsWriter, step: int, results: dict, is_writer: bool) 
 def _end_of_run_eval(config: ml_collections.ConfigDict, method, state, is_writer: bool) -> dict:
     with phase("kNN evaluation of the final network", is_writer):
         results = knn_eval(config, method.eval_variables(state))
-    if config.eval.knn_random_init:
-        with phase("kNN evaluation at random initialisation", is_writer):
-            results.update(knn_eval(config, random_init_variables(config), suffix="_random_init"))
-    if config.eval.knn_raw_pixels:
-        with phase("kNN of the raw pixels", is_writer):
-            results.update(knn_eval_raw_pixels(config))
+    if config.eval.knn_random_init or config.eval.knn_raw_pixels:
+        with phase("kNN of the reference levels (random init, raw pixels)", is_writer):
+            results.update(knn_reference_levels(config))
     return results
 
 
