@@ -156,7 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
-    c.collapse_warning_steps = 500  # warn when the loss sits within 1% of ln(K) this long
+    c.collapse_warning_steps = 500  # warn when the loss sits at ln(K) (or returns above it) this long
 
     # Where metrics go besides WORKDIR/metrics.jsonl and TensorBoard (always written).
     c.logging = ml_collections.ConfigDict()

@@ -4,7 +4,12 @@ Two signals, each read on the logged steps and required to hold for
 `config.collapse_warning_steps` consecutive steps:
 
   loss    the loss within 1% of ln(K): predictions uniform over the K prototypes
-          (clusters), the state a collapsed model settles in. Every method.
+          (clusters), the state a collapsed model settles in; or, once the loss has been
+          below that band, anywhere above its lower edge: on the way into a collapse the
+          codes can land where the predictions are not (SwAV's batch pushed onto the
+          prototypes a stale queue leaves free) and the loss goes above ln(K) first. Not
+          above it from the start: a run's first loss can be well above ln(K) and come
+          down slowly (docs/QUEUE.md). Every method.
   usage   the step's codes pick, by argmax, fewer than `MIN_USED_FRACTION` of the
           prototypes they could in effect: exp(train/assignment_entropy) below that share
           of `Method.usage_watch`'s usable count. SwAV only: without a queue Sinkhorn
@@ -24,6 +29,8 @@ import ml_collections
 # measured on the digits and CIFAR images (with or without a queue) stayed above 10%; a
 # collapsed batch uses one prototype.
 MIN_USED_FRACTION = 0.05
+# The loss signal's band around ln(K), as a share of ln(K).
+LOSS_MARGIN = 0.01
 
 
 class CollapseWatch:
@@ -44,10 +51,14 @@ class CollapseWatch:
         self._log_every = log_every
         self._steps = {"loss": 0, "usage": 0}
         self._warned = False
+        self._learned = False  # the loss has been below the band around ln(K)
 
     def update(self, metrics: dict[str, float]) -> str | None:
         """The warning message the first time a signal has held long enough, else None."""
-        held = {"loss": abs(metrics["train/loss"] - self._log_k) < 0.01 * self._log_k}
+        loss = metrics["train/loss"]
+        low, high = (1 - LOSS_MARGIN) * self._log_k, (1 + LOSS_MARGIN) * self._log_k
+        self._learned = self._learned or loss <= low
+        held = {"loss": low < loss and (loss < high or self._learned)}
         used = None
         if self._usage is not None and "train/assignment_entropy" in metrics:
             used = math.exp(metrics["train/assignment_entropy"])
@@ -65,7 +76,7 @@ class CollapseWatch:
         if self._steps["loss"] >= self._needed:
             self._warned = True
             return (
-                f"The loss has stayed within 1% of ln(K) = {self._log_k:.3f} for {self._steps['loss']} "
-                f"steps: {self._loss_hint}"
+                f"The loss has stayed at ln(K) = {self._log_k:.3f} (within 1%, or above it after "
+                f"having been below) for {self._steps['loss']} steps: {self._loss_hint}"
             )
         return None
