@@ -414,9 +414,11 @@ def test_a_finished_run_says_so_and_redoes_nothing(tmp_path, monkeypatch, capsys
         calls.append(suffix)
         return {f"eval/knn_top1{suffix}": 50.0}
 
+    def references_stub(config):
+        return {**knn_stub(config, None, "_random_init"), **knn_stub(config, None, "_raw_pixels")}
+
     monkeypatch.setattr(loop, "knn_eval", knn_stub)
-    monkeypatch.setattr(loop, "random_init_variables", lambda config: {})
-    monkeypatch.setattr(loop, "knn_eval_raw_pixels", lambda config: knn_stub(config, None, "_raw_pixels"))
+    monkeypatch.setattr(loop, "knn_reference_levels", references_stub)
     config = _toy_config(batch_size=256, log_every_steps=1)  # 5 steps an epoch
     config.eval.knn_at_end = config.eval.knn_random_init = config.eval.knn_raw_pixels = True
     workdir = str(tmp_path)
