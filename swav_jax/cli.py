@@ -62,9 +62,8 @@ def load_config(config_args: list[str]):
     # override onto the previous one, so a repeated tuple key would otherwise concatenate
     # (num_prototypes (64,) then (128,) would silently become two prototype heads).
     last = {a.split("=", 1)[0]: a for a in config_args if not a.startswith("--config=")}
-    overrides = list(last.values())
-    _check_keys(_parse_config(path, []), [a.split("=", 1)[0][len("--config."):] for a in overrides])
-    return _parse_config(path, overrides)
+    _check_keys(_parse_config(path, []), [key[len("--config."):] for key in last])
+    return _parse_config(path, list(last.values()))
 
 
 def _parse_config(path: str, overrides: list[str]):
