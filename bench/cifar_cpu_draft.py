@@ -16,8 +16,9 @@ So it lives in bench/ as the pilots' starting point, not among the recipes
 
 Why these choices (one seed each, docs/NATURAL_IMAGES.md): no small crops (with the
 ImageNet stem a 16 px crop is a 4 x 4 map after the stem; adding 4 x 16 px crops cost 7
-points at 10 epochs and half again the time); the ImageNet stem at width 32 (about as
-fast as the narrow small-stem network, with a stronger random init); colour jitter 0.5
+points at 10 epochs and half again the time); the ImageNet stem at width 32 (the
+small-image stem at width 16, 15 epochs, reaches the same mean in two thirds of the
+time but with more spread between seeds: 35.6-39.4%); colour jitter 0.5
 (1.0 fell far behind, milder stopped improving while the loss kept falling); K = 32
 with epsilon 0.03 (K = 256 or 512 and epsilon 0.05 did worse or collapsed at batch 128);
 the kNN at 64 px (upsampled; the random-resized crops show objects larger than the
