@@ -96,14 +96,19 @@ def _check_keys(config, keys: list[str]) -> None:
             raise SystemExit(f"error: unknown config key {key!r}{hint}")
 
 
-def _distributed_init(mode: str) -> None:
-    """`jax.distributed.initialize()` before any other jax call, with the arguments
+def _start_jax(config, distributed: str) -> None:
+    """Process-wide jax setup, before any other jax call: the config's CPU device count,
+    then (--distributed auto) `jax.distributed.initialize()` with the arguments
     swav_jax.cluster reads from the launcher's environment (local multi-process, SLURM;
     Cloud TPU pods are detected by jax itself)."""
-    if mode == "off":
-        return
     import jax
 
+    from swav_jax.checks import non_negative_int
+
+    if non_negative_int(config.cpu_devices, "cpu_devices"):
+        jax.config.update("jax_num_cpu_devices", config.cpu_devices)
+    if distributed == "off":
+        return
     from swav_jax.cluster import initialize_kwargs
 
     jax.distributed.initialize(**initialize_kwargs(os.environ))
@@ -144,7 +149,7 @@ def _configs(args, config_args):
 
 def _train(args, config_args):
     config = load_config(config_args)
-    _distributed_init(args.distributed)
+    _start_jax(config, args.distributed)
     from swav_jax.train.loop import train
 
     with _Preemption() as preemption:
@@ -197,15 +202,15 @@ def _check_eval_options(args) -> None:
 
 
 def _eval(args, config_args):
-    _distributed_init(args.distributed)
+    _check_eval_options(args)
+    config = load_config(config_args)
+    _start_jax(config, args.distributed)
     import jax
 
     from swav_jax.eval import run
     from swav_jax.train.metrics import MetricsWriter
     from swav_jax.train.validate import validate_eval_config
 
-    _check_eval_options(args)
-    config = load_config(config_args)
     if args.labels_fraction is not None:
         config.eval.finetune.labels_fraction = args.labels_fraction
     if args.subset_file is not None:

@@ -224,3 +224,24 @@ def test_cli_reports_bad_config_before_compiling(tmp_path):
     assert result.returncode != 0
     assert "config.batch_size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_splits_the_cpu_into_config_cpu_devices(tmp_path):
+    # child_env(): jax's default of one CPU device, which the config's count replaces.
+    result = subprocess.run(
+        [sys.executable, "-m", "swav_jax", "train", "--config", "tests/tiny_config.py",
+         "--workdir", str(tmp_path), "--config.cpu_devices=2", "--max-steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "global batch 16 on 2 devices / 1 processes" in result.stdout
+
+
+def test_cli_reports_a_bad_cpu_devices_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "swav_jax", "train", "--config", "tests/tiny_config.py",
+         "--workdir", str(tmp_path), "--config.cpu_devices=-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=child_env(),
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: config.cpu_devices: must be an integer >= 0, got -1"

@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--reorderings", type=int, default=0)
     parser.add_argument("--distributed", choices=("auto", "off"), default="off")
     args = parser.parse_args()
-    cli._distributed_init(args.distributed)
+    cli._start_jax(tiny_config.get_config(), args.distributed)
 
     import jax
     import numpy as np

@@ -15,6 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 31
     c.batch_size = 4096  # global, over all devices and processes
     c.epochs = 800
+    # CPU runs only: split each process's CPU into this many XLA devices, which the step
+    # runs data-parallel over (XLA keeps more cores busy with several small programs than
+    # with one: 1.45x on 2 cores, docs/NATURAL_IMAGES.md). 0: jax's default (one). The CLI
+    # sets it before jax starts; a GPU or TPU run does not use it.
+    c.cpu_devices = 0
 
     # Data source (swav_jax/data/sources.py).
     c.data = ml_collections.ConfigDict()
