@@ -50,6 +50,8 @@ def run(args) -> int:
         return 1
     command = [sys.executable, "-m", "swav_jax", "train", "--workdir", args.workdir] + args.train_args
     shown = "python -m swav_jax train --workdir " + args.workdir + " " + " ".join(map(shlex.quote, args.train_args))
+    if os.environ.get("XLA_FLAGS"):  # e.g. the host split into several XLA devices
+        shown = "XLA_FLAGS=" + shlex.quote(os.environ["XLA_FLAGS"]) + " " + shown
     load_before = load_average()
     start = time.time()
     os.makedirs(args.workdir, exist_ok=True)
