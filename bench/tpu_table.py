@@ -1,7 +1,7 @@
 """docs/TPU.md's table: every recipe in swav_jax/configs planned for the slices people rent.
 
-For each pretraining recipe (`swav-jax configs`, but base, which swav_800ep is, and the
-semi-supervised fine-tuning ones) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8,
+For each pretraining recipe (`swav-jax configs`, but base, which swav_800ep is, the
+semi-supervised fine-tuning ones, and the image-folder ones such as cifar_cpu, for a CPU) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8,
 v5e-64 = v5e:8x8, v6e-64 = v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a time: a ResNet-50 train step
 takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
 (the same step; the hours scale with the epochs). Each plan's JSON (and what the command
@@ -127,7 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    groups = program_groups([n for n in configs.names() if n != "base" and not n.startswith(FINETUNING)])
+    groups = program_groups([n for n in configs.names() if n != "base" and not n.startswith(FINETUNING)
+                             and load_config([f"--config={n}"]).data.source != "folder"])
     wanted = set(args.recipes or configs.names())
     results = {}
     for first, members in groups.items():
