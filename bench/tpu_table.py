@@ -1,9 +1,10 @@
 """docs/TPU.md's table: every recipe in swav_jax/configs planned for the slices people rent.
 
 For each pretraining recipe (`swav-jax configs`, but base, which swav_800ep is, the
-semi-supervised fine-tuning ones, and the image-folder ones such as cifar_cpu, for a CPU) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8,
-v5e-64 = v5e:8x8, v6e-64 = v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a time: a ResNet-50 train step
-takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
+semi-supervised fine-tuning ones, and those that read an image folder, such as cifar_cpu,
+for a CPU) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8, v5e-64 = v5e:8x8, v6e-64 =
+v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a
+time: a ResNet-50 train step takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
 (the same step; the hours scale with the epochs). Each plan's JSON (and what the command
 printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped; with
 --write-docs, a row already planned in the document (on another machine) whose plan is
@@ -45,11 +46,14 @@ BEGIN, END = "<!-- tpu_table:begin -->", "<!-- tpu_table:end -->"
 
 
 def program_groups(names: list[str]) -> dict[str, list[str]]:
-    """Recipes whose configs are equal but for `epochs`, keyed by the first of them."""
+    """Recipes whose configs are equal but for `epochs`, keyed by the first of them; those
+    that read an image folder are left out."""
     groups: dict[str, list[str]] = {}
     keys: dict[str, str] = {}
     for name in names:
         config = load_config([f"--config={name}"]).to_dict()
+        if config["data"]["source"] == "folder":
+            continue
         config.pop("epochs")
         key = json.dumps(config, sort_keys=True, default=str)
         first = keys.setdefault(key, name)
@@ -127,8 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    groups = program_groups([n for n in configs.names() if n != "base" and not n.startswith(FINETUNING)
-                             and load_config([f"--config={n}"]).data.source != "folder"])
+    groups = program_groups([n for n in configs.names() if n != "base" and not n.startswith(FINETUNING)])
     wanted = set(args.recipes or configs.names())
     results = {}
     for first, members in groups.items():
