@@ -6,7 +6,8 @@ for a CPU) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8, v5e-64 = v5e:8x8
 v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a
 time: a ResNet-50 train step takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
 (the same step; the hours scale with the epochs). Each plan's JSON (and what the command
-printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped; with
+printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped (a plan
+that stopped with an error is run again); with
 --write-docs, a row already planned in the document (on another machine) whose plan is
 not in --out stays as it is.
 
@@ -63,10 +64,16 @@ def program_groups(names: list[str]) -> dict[str, list[str]]:
 
 def run_plan(name: str, topology: str, out: str) -> dict:
     """The plan's JSON (from a fresh process), or {'error': ...} when it stopped before
-    compiling (e.g. the batch does not divide over the chips)."""
+    compiling (e.g. the batch does not divide over the chips).
+
+    A plan already in `out` is reused, but not an error: an error may have been
+    transient (libtpu's lockfile held by another process), and one from the config's
+    checks costs seconds to find again, since it stops before anything compiles."""
     if os.path.exists(out):
         with open(out) as f:
-            return json.load(f)
+            result = json.load(f)
+        if "error" not in result:
+            return result
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "swav_jax", "plan", "--config", name, "--topology", topology, "--json", out],

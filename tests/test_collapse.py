@@ -1,10 +1,15 @@
-"""The trainer's collapse watch on made-up metric sequences: which signal fires, when, once."""
+"""The trainer's collapse watch on made-up metric sequences: which signal fires, when, once;
+and across a resume."""
 
+import json
+import logging
 import math
 
 import tiny_config
 from swav_jax.methods import get_method
+from swav_jax.train import collapse
 from swav_jax.train.collapse import MIN_USED_FRACTION, CollapseWatch
+from swav_jax.train.loop import train
 
 
 def _config(queue=0, method="swav"):
@@ -83,3 +88,38 @@ def test_excb_watches_the_loss_only():
     assert _feed(watch, [{"train/loss": 1.0}] * 5) == [None] * 5
     message = _feed(watch, [{"train/loss": math.log(12)}] * 3)[2]
     assert "excb.num_clusters" in message
+
+
+def test_the_watch_state_round_trips_and_none_starts_afresh():
+    stuck = {"train/loss": math.log(12), "train/assignment_entropy": math.log(10.0)}
+    above = {"train/loss": math.log(12) * 1.10, "train/assignment_entropy": math.log(10.0)}
+    straight = _watch(_config())
+    first = _feed(straight, [_healthy(), stuck, stuck])  # learned; 20 steps at ln(K)
+    resumed = _watch(_config())
+    resumed.set_state(json.loads(json.dumps(straight.get_state())))  # as a checkpoint keeps it
+    assert first == [None] * 3
+    assert _feed(resumed, [above]) == _feed(straight, [above])  # the third: warns on both
+    assert _feed(resumed, [stuck] * 4) == _feed(straight, [stuck] * 4) == [None] * 4  # once
+    fresh = _watch(_config())
+    fresh.set_state(None)
+    assert _feed(fresh, [above] * 3) == [None] * 3  # never below ln(K): not learned
+
+
+def test_a_resumed_run_watches_on_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+    # A band so wide that every loss counts as "at ln(K)": the loss signal holds at
+    # every logged step, and a run warns at its 4th step.
+    monkeypatch.setattr(collapse, "LOSS_MARGIN", 10.0)
+    config = tiny_config.get_config()
+    config.collapse_warning_steps = 4
+
+    def warned(workdir, max_steps):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train(config, str(tmp_path / workdir), max_steps=max_steps)
+        return [r.getMessage() for r in caplog.records if "The loss has stayed at ln(K)" in r.getMessage()]
+
+    assert len(warned("straight", 5)) == 1
+    assert warned("resumed", 3) == []
+    # Saved at step 3 with 3 steps counted: the resumed run warns at step 4, as the
+    # straight one did (a watch starting afresh would need steps 4 to 7).
+    assert len(warned("resumed", 5)) == 1

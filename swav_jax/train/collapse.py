@@ -53,6 +53,17 @@ class CollapseWatch:
         self._warned = False
         self._learned = False  # the loss has been below the band around ln(K)
 
+    def get_state(self) -> dict:
+        """JSON-able counters, saved with each checkpoint so that a resumed run watches on."""
+        return {"steps": dict(self._steps), "warned": self._warned, "learned": self._learned}
+
+    def set_state(self, state: dict | None) -> None:
+        """Continue from `get_state`'s dict; None (a checkpoint saved without one) starts afresh."""
+        if state is None:
+            return
+        self._steps = {signal: int(state["steps"][signal]) for signal in self._steps}
+        self._warned, self._learned = bool(state["warned"]), bool(state["learned"])
+
     def update(self, metrics: dict[str, float]) -> str | None:
         """The warning message the first time a signal has held long enough, else None."""
         loss = metrics["train/loss"]

@@ -109,12 +109,13 @@ def train(
 
     writer = None
     try:
-        start, skipped_before, state = 0, 0, None
+        start, skipped_before, state, watch_state = 0, 0, None, None
         if checkpointer.latest_step() is not None:
             with phase("restoring the newest checkpoint that restores", is_writer):
                 start, state, data_state = checkpointer.restore_latest(program.abstract_state, check_resume)
             data.set_state(data_state)
             skipped_before = int(data_state.get("skipped_records", 0))
+            watch_state = data_state.get("collapse_watch")
             log.info("Resumed from %s at step %d", checkpointer.directory, start)
         if is_writer:
             run_config.write(workdir, resolved)
@@ -129,7 +130,7 @@ def train(
                 state = jax.block_until_ready(method.on_fresh_start(config, program.init_state(), mesh))
         return _loop(config, method, program, data, checkpointer, writer, state, batch, mesh,
                      start=start, last_step=last_step, steps_per_epoch=steps_per_epoch,
-                     skipped_before=skipped_before, stop_requested=stop_requested)
+                     skipped_before=skipped_before, watch_state=watch_state, stop_requested=stop_requested)
     finally:
         checkpointer.close()
         if writer is not None:
@@ -155,7 +156,7 @@ def _finished(config, method, state, workdir, writer, step, last_step, total_ste
 
 
 def _loop(config, method, program, data, checkpointer, writer, state, batch, mesh, *,
-          start, last_step, steps_per_epoch, skipped_before, stop_requested) -> dict:
+          start, last_step, steps_per_epoch, skipped_before, watch_state, stop_requested) -> dict:
     """Steps `start` + 1 .. `last_step` from `state`, `batch` being the first batch."""
     is_writer = jax.process_index() == 0
     total_steps = int(config.epochs) * steps_per_epoch
@@ -169,6 +170,7 @@ def _loop(config, method, program, data, checkpointer, writer, state, batch, mes
     progress = Progress(total_steps, int(config.batch_size), start, eval_steps=tuple(eval_steps))
     agreement = HostAgreement(mesh)
     collapse_watch = CollapseWatch(config, method, log_every)
+    collapse_watch.set_state(watch_state)
     last_metrics: dict = {"step": start}
 
     def complete(step: int, metrics: dict, skipped: int) -> None:
@@ -247,7 +249,8 @@ def _loop(config, method, program, data, checkpointer, writer, state, batch, mes
                     f"Non-finite values in the state after step {step}; not saving it. "
                     + _last_good(checkpointer, ckpt_every)
                 )
-            checkpointer.save(step, state, {**data.get_state(), "skipped_records": skipped})
+            checkpointer.save(step, state, {**data.get_state(), "skipped_records": skipped,
+                                            "collapse_watch": collapse_watch.get_state()})
         if stop:
             log.warning("Stop requested: saved a checkpoint at step %d and stopping.", step)
             if is_writer:
