@@ -4,10 +4,10 @@ For each pretraining recipe (`swav-jax configs`, but base, which swav_800ep is, 
 semi-supervised fine-tuning ones, and those that read an image folder, such as cifar_cpu,
 for a CPU) and slice (v5p-128 = v5p:4x4x4, v5p-256 = v5p:4x4x8, v5e-64 = v5e:8x8, v6e-64 =
 v6e:8x8, v4-128 = v4:4x4x4) this runs `swav-jax plan --json` in a subprocess, one at a
-time: a ResNet-50 train step takes minutes of CPU time to compile. Recipes that differ only in `epochs` compile once
-(the same step; the hours scale with the epochs). Each plan's JSON (and what the command
-printed, as .txt) is kept in --out, so an interrupted run resumes where it stopped (a plan
-that stopped with an error is run again); with
+time: a ResNet-50 train step takes minutes of CPU time to compile. Recipes that differ
+only in `epochs` compile once (the same step; the hours scale with the epochs). Each
+plan's JSON (and what the command printed, as .txt) is kept in --out, so an interrupted
+run resumes where it stopped (a plan that stopped with an error is run again); with
 --write-docs, a row already planned in the document (on another machine) whose plan is
 not in --out stays as it is.
 
